@@ -115,7 +115,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
   def one(v):
     if _is_var(v):
       axes = v.get_metadata().get("axes")
-      return v.replace(sharding_for(axes, v.value.shape, mesh, rules))
+      return v.replace(sharding_for(axes, v.get_value().shape, mesh, rules))
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, state, is_leaf=_is_var)

@@ -92,7 +92,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(x.dtype) * y.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -104,9 +104,9 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
 
 
@@ -240,7 +240,7 @@ class Transformer(nnx.Module):
       if positions is None:
         positions = q_pos
       mask = jnp.arange(cache.max_len)[None, None, :] <= q_pos[:, :, None]
-    x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)
+    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = (cache.k[i], cache.v[i]) if cache is not None else None
@@ -256,7 +256,7 @@ class Transformer(nnx.Module):
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    w = self.embed_tokens.value.T if self.lm_head is None else self.lm_head.value
+    w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
     return jnp.dot(hidden, w.astype(self.dtype), preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None, cache_index=None):
@@ -281,5 +281,5 @@ class Critic(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, *, positions=None):
     h, _ = self.backbone.hidden_states(input_ids, attention_mask, positions=positions)
-    v = jnp.dot(h.astype(jnp.float32), self.value_head.value) + self.value_bias.value
+    v = jnp.dot(h.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]
     return v[..., 0]

@@ -169,12 +169,12 @@ def from_pretrained(
     used.add(name)
     src = tensors[name].get(name)
     src = src.T if transpose else src
-    want = tuple(var.value.shape)
+    want = tuple(var.get_value().shape)
     if tuple(src.shape) != want:
       raise ValueError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, model expects {want}")
     axes = var.get_metadata().get("axes")
     sharding = shd.sharding_for(axes, want, mesh, rules) if mesh is not None else single
-    np_dtype = np.dtype(var.value.dtype)
+    np_dtype = np.dtype(var.get_value().dtype)
     arr = jax.make_array_from_callback(
         want, sharding, lambda idx, s=src, d=np_dtype: np.asarray(s[idx], dtype=d)
     )
@@ -217,7 +217,7 @@ def save_pretrained(
   tensors: dict[str, np.ndarray] = {}
   for p, var in _iter_params(nnx.state(model, nnx.Param)):
     name, transpose = _hf_name(p)
-    arr = _host(var.value)
+    arr = _host(var.get_value())
     if dtype is not None:
       arr = arr.astype(np.dtype(dtype))
     tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
