@@ -1,0 +1,16 @@
+"""Sampler engine: slot KV cache, batched prefill / append (multi-turn), jitted decode loop,
+per-slot sampling, chat-template deltas and a JetStream-style adapter."""
+
+from agentgym_jax.engine.engine import Engine, EngineConfig, SlotFullError, TurnResult
+from agentgym_jax.engine.generate import generate
+from agentgym_jax.engine.sampling import SamplingParams, sample
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "SamplingParams",
+    "SlotFullError",
+    "TurnResult",
+    "generate",
+    "sample",
+]
