@@ -73,7 +73,7 @@ class Checkpointer:
     self._mgr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             meta=ocp.args.JsonSave(meta),
         ),
         force=True,
@@ -83,11 +83,12 @@ class Checkpointer:
   def wait(self) -> None:
     self._mgr.wait_until_finished()
 
-  def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+  def restore(self, target: Any, step: int | None = None, *, partial: bool = False) -> tuple[int, Any, dict] | None:
     """Restore ``step`` (default: newest that loads). Returns (step, state, meta) or None.
 
-    ``target`` is a pytree like the saved state (its shardings are reused). A checkpoint that
-    fails to load is logged as an error and the next older one is tried.
+    ``target`` is a pytree like the saved state (its shardings are reused); ``partial`` lets it
+    be a subtree (e.g. only the actor params, for export). A checkpoint that fails to load is
+    logged as an error and the next older one is tried.
     """
     steps = [step] if step is not None else sorted(self._mgr.all_steps(), reverse=True)
     abstract = _abstract(target)
@@ -96,7 +97,11 @@ class Checkpointer:
         out = self._mgr.restore(
             s,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
+                state=ocp.args.PyTreeRestore(
+                    abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=partial,
+                ),
                 meta=ocp.args.JsonRestore(),
             ),
         )
