@@ -32,17 +32,23 @@ KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 def token_logprobs(logits: Array, targets: Array) -> Array:
   """log softmax(logits)[targets] in float32 without materialising the [.., V] log-softmax."""
+  # Shift by the max first: (picked - max) is exact, so large logits keep full precision.
+  shifted = _shifted(logits)
+  picked = jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
+def _shifted(logits: Array) -> Array:
   logits = logits.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
+  return logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
 
 
 def entropy_from_logits(logits: Array) -> Array:
   """Entropy of softmax(logits) over the last axis: lse - sum p * logits (stable, float32)."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  p = jnp.exp(logits - lse)
-  return lse[..., 0] - jnp.sum(p * logits, axis=-1)
+  shifted = _shifted(logits)
+  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+  p = jnp.exp(shifted - lse)
+  return lse[..., 0] - jnp.sum(p * shifted, axis=-1)
 
 
 def shift_right(x: Array) -> Array:

@@ -253,7 +253,7 @@ def _make_update(loss_fn: Callable, prefix: str, keys: tuple[str, ...], cfg: Opt
       zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), st_sh.params)
       grads, aux = jax.lax.scan(micro_step, zeros, mb)
       aux = finish_aux(jax.tree.map(lambda x: jnp.sum(x, 0), aux))
-      gnorm = optax.global_norm(grads)
+      gnorm = optax.tree.norm(grads)
       scale = jnp.minimum(1.0, cfg.grad_clip / (gnorm + 1e-6))
       grads = jax.tree.map(lambda g: g * scale, grads)
       opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
