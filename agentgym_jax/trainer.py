@@ -90,9 +90,8 @@ class Trainer:
     self.U = U
     self.actor = U.init_train_state(actor, U.make_optimizer(cfg.actor), self.mesh)
     self.actor_update = U.make_actor_update(cfg.actor, self.mesh, self.actor)
-    # The reference policy is the initial actor: jax arrays are immutable, so keeping the
-    # initial params is a frozen copy at no cost until the first update replaces them.
-    self.ref_params = self.actor.params if cfg.ref.enable else None
+    # The update donates (frees) the old params, so the frozen reference needs its own copy.
+    self.ref_params = jax.tree.map(jnp.copy, self.actor.params) if cfg.ref.enable else None
     self.critic = None
     if cfg.uses_critic:
       critic = critic_from_pretrained(path, dtype, self.mesh, param_dtype=pdtype, remat=cfg.model.remat)
@@ -197,31 +196,28 @@ class Trainer:
       host["values"] = values
     adv = self._advantages(host)
     dev["advantages"] = adv["advantages"]
+    if self.critic is not None:
+      dev["values"], dev["returns"] = host["values"], adv["returns"]
+    dev = U.shard_batch(dev, self.mesh)  # host-computed advantages join the sharded batch
     metrics: dict[str, Any] = {}
     rng = jax.random.fold_in(jax.random.key(cfg.trainer.seed), step)
     if self.critic is not None:
-      dev["values"], dev["returns"] = host["values"], adv["returns"]
       new_critic, cm = self.critic_update(self.critic, dev, jax.random.fold_in(rng, 1))
-      metrics.update(cm)
+      metrics.update(jax.device_get(cm))
     new_actor, am = self.actor_update(self.actor, dev, rng)
-    am = jax.device_get(am)
-    metrics.update(am)
-    finite = all(np.isfinite(float(v)) for k, v in am.items() if k.endswith(("loss", "grad_norm")))
-    if finite:
-      self.actor = new_actor
-      if self.critic is not None:
-        self.critic = new_critic
-      self.engine.set_params(self.actor.params)
+    metrics.update(jax.device_get(am))
+    # On a non-finite grad norm the update skips the optimizer step (params unchanged); the
+    # donated old state is gone either way, so the returned state is always the one to keep.
+    self.actor = new_actor
+    if self.critic is not None:
+      self.critic = new_critic
+    self.engine.set_params(self.actor.params)
+    if all(np.isfinite(float(v)) for k, v in metrics.items() if k.endswith(("loss", "grad_norm"))):
       self.bad_steps = 0
     else:
-      # The donated old state is gone; the update skipped the optimizer step on a non-finite
-      # norm, so new_actor holds the unchanged params: keep it but count the bad step.
-      self.actor = new_actor
-      if self.critic is not None:
-        self.critic = new_critic
       self.bad_steps += 1
-      log.error("step %d: non-finite loss or grad norm (%s); update skipped (%d in a row)",
-                step, {k: float(v) for k, v in am.items()}, self.bad_steps)
+      log.error("step %d: non-finite loss or grad norm; update skipped (%d in a row): %s",
+                step, self.bad_steps, {k: float(v) for k, v in metrics.items()})
     t_upd = time.perf_counter()
     m = rollout_metrics(episodes, "train")
     mask = batch["loss_mask"].astype(bool)
