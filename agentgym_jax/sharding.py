@@ -41,12 +41,18 @@ class MeshConfig:
   """FSDP ways (params and optimizer state sharded, gathered per layer). -1 = the rest."""
   tensor: int = 1
   """Tensor-parallel ways (heads, mlp, vocab split). Must divide the kv-head count."""
+  devices: int = 0
+  """Use the first N devices (0 = all of them)."""
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over ``devices`` (default: all). One ``-1`` axis takes the rest."""
   cfg = cfg or MeshConfig()
   devices = list(devices if devices is not None else jax.devices())
+  if cfg.devices:
+    if cfg.devices > len(devices):
+      raise ValueError(f"mesh.devices={cfg.devices} but only {len(devices)} devices are available")
+    devices = devices[: cfg.devices]
   n = len(devices)
   sizes = [cfg.data, cfg.fsdp, cfg.tensor]
   if sum(s == -1 for s in sizes) > 1:
