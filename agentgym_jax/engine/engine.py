@@ -41,7 +41,8 @@ class EngineConfig:
   """Write lengths are padded up to one of these (one compile each); longer writes are split
   into chunks of the largest. Default: powers of two from 16 to min(max_len, 1024)."""
   prefill_tokens_per_call: int = 4096
-  """Rows per prefill/append call = this // bucket (a power of two in [1, num_slots])."""
+  """Rows per prefill/append call: this // bucket rounded down to a power of two, at most
+  num_slots (short appends batch many slots, long prompts fewer)."""
   decode_chunk: int = 128
   """Most decode steps per device call before the host looks at the results."""
   max_stop_ids: int = 8
@@ -116,14 +117,17 @@ class Engine:
     dtype = config.cache_dtype or model.dtype
     cache = KVCache.zeros(mcfg, config.num_slots, config.max_len, dtype)
     state = core.init_state(cache)
-    self._state_sharding = None
     if mesh is not None:
       kv = shd.sharding_for(("layers", "slots", "length", "kv_heads", "head_dim"), cache.k.shape, mesh, rules)
       per_slot = shd.sharding_for(("slots",), (config.num_slots,), mesh, rules)
       rng = NamedSharding(mesh, P(*per_slot.spec, None))
-      self._state_sharding = core.SlotState(KVCache(kv, kv), per_slot, per_slot, rng)
-      state = jax.device_put(state, self._state_sharding)
-    self.state = state
+    else:
+      # Pin the state to the params' device with an explicit sharding, so the first call's
+      # (uncommitted) state and later (committed) states hit the same compiled function.
+      dev = sorted(jax.tree.leaves(params)[0].devices(), key=lambda d: d.id)[:1]
+      kv = per_slot = rng = NamedSharding(Mesh(np.asarray(dev), ("x",)), P())
+    self._state_sharding = core.SlotState(KVCache(kv, kv), per_slot, per_slot, rng)
+    self.state = jax.device_put(state, self._state_sharding)
     self._build_jits()
 
   # ---- jitted functions (traced once per shape; the counter runs at trace time) ----
@@ -151,13 +155,14 @@ class Engine:
       active = jnp.ones_like(state.length, bool)
       return core.forward_pending(nnx.merge(graphdef, params), state, active)[0]
 
-    so = None if out_state is None else out_state
-    self._extend = jax.jit(extend, static_argnums=0, donate_argnums=2, out_shardings=so)
+    # The graphdef is closed over rather than passed as a static argument: a config holding a
+    # dict (Llama rope_scaling) makes it unhashable.
+    g, so = self.graphdef, out_state
+    self._extend = jax.jit(functools.partial(extend, g), donate_argnums=1, out_shardings=so)
     self._decode = jax.jit(
-        decode, static_argnums=(0, 4), donate_argnums=2,
-        out_shardings=None if so is None else (so, None),
+        functools.partial(decode, g), static_argnums=3, donate_argnums=1, out_shardings=(so, None)
     )
-    self._peek = jax.jit(peek, static_argnums=0)
+    self._peek = jax.jit(functools.partial(peek, g))
 
   # ---- slot queries ----
   @property
@@ -272,8 +277,8 @@ class Engine:
     raise AssertionError(n)
 
   def _rows(self, t: int) -> int:
-    rows = max(1, min(self.num_slots, self.config.prefill_tokens_per_call // t))
-    return 1 << (rows.bit_length() - 1)
+    rows = max(1, self.config.prefill_tokens_per_call // t)
+    return min(self.num_slots, 1 << (rows.bit_length() - 1))
 
   def _extend_call(self, t, rows, group, new_rng):
     s = self.num_slots
@@ -287,7 +292,7 @@ class Engine:
       ids[j], start[j], count[j], pend[j], seeds[j] = i, st, len(w), p, sd & 0xFFFFFFFF
       toks[j, : len(w)] = w
     new = np.full((rows,), new_rng, bool)
-    self.state = self._extend(self.graphdef, self.params, self.state, ids, toks, start, count, pend, seeds, new)
+    self.state = self._extend(self.params, self.state, ids, toks, start, count, pend, seeds, new)
 
   # ---- decoding ----
   def begin_turn(self, slot_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Sequence[int] = (),
@@ -349,7 +354,7 @@ class Engine:
         watch=np.isin(np.arange(s), list(watch)),
         return_on_first=np.array(return_on_first),
     )
-    self.state, out = self._decode(self.graphdef, self.params, self.state, ctrl, self.config.decode_chunk)
+    self.state, out = self._decode(self.params, self.state, ctrl, self.config.decode_chunk)
     out = jax.device_get(out)
     for i, x in enumerate(sl):
       n = int(out.n_new[i])
@@ -386,4 +391,4 @@ class Engine:
 
   def next_logits(self) -> np.ndarray:
     """Logits [S, V] each slot would sample its next token from (debug / tests; no state change)."""
-    return np.asarray(self._peek(self.graphdef, self.params, self.state))
+    return np.asarray(self._peek(self.params, self.state))
