@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 ACK = "OK. I'll follow your instructions and try my best to solve the task."
 MULTI_ACTION_ERROR = "Error: Only one 'Action' is allowed per response. Please adjust your response."
@@ -141,16 +141,21 @@ def check_split(split: str) -> str:
     return split
 
 
-def initial_messages(env: Env, first_obs: str, system: str | None = None) -> list[dict[str, str]]:
+def initial_messages(env: "Env | Mapping[str, Any]", first_obs: str, system: str | None = None) -> list[dict[str, str]]:
     """Chat messages for the start of an episode, as AgentGym builds them.
 
-    user = env instruction, assistant = acknowledgement, user = first observation. `system` is
+    user = env instruction, assistant = acknowledgement, user = first observation. `env` is an
+    `Env` or a pool reset result's `info` (which carries "instruction" and "ack"). `system` is
     left out by default so the chat template inserts the model's own default (Qwen does).
     """
+    if isinstance(env, Env):
+        instruction, ack = env.instruction(), env.ack
+    else:
+        instruction, ack = env["instruction"], env.get("ack", ACK)
     msgs = [] if system is None else [{"role": "system", "content": system}]
     msgs += [
-        {"role": "user", "content": env.instruction()},
-        {"role": "assistant", "content": env.ack},
+        {"role": "user", "content": instruction},
+        {"role": "assistant", "content": ack},
         {"role": "user", "content": first_obs},
     ]
     return msgs

@@ -1,0 +1,78 @@
+"""Task-id datasets: a seeded, endlessly reshuffled stream of env task ids in batches.
+
+Built on grain's `MapDataset` (source -> seeded shuffle -> repeat -> batch), so the order is a
+pure function of (task ids, seed) and the iterator state is one integer: restoring it resumes
+the exact same sequence (checkpoint.py stores `get_state()` next to the params).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+
+def _fingerprint(task_ids: Sequence[int], seed: int, batch_size: int, group_size: int) -> str:
+    h = hashlib.sha256(np.asarray(task_ids, dtype=np.int64).tobytes())
+    h.update(f"{seed}/{batch_size}/{group_size}".encode())
+    return h.hexdigest()[:16]
+
+
+class TaskSampler:
+    """Batches of task ids, reshuffled every epoch with `seed`.
+
+    Args:
+      task_ids: the pool to draw from, e.g. `envs.task_ids("babyai", "train")`.
+      batch_size: distinct tasks per batch (prompts per step).
+      seed: shuffle seed; the same seed gives the same order on every machine.
+      group_size: each task id is repeated this many times in a row (GRPO's rollout.n), so a
+        batch holds `batch_size * group_size` ids.
+    """
+
+    def __init__(self, task_ids: Sequence[int], batch_size: int, seed: int = 0, group_size: int = 1) -> None:
+        import grain
+
+        if len(task_ids) == 0:
+            raise ValueError("task_ids is empty")
+        if batch_size < 1 or group_size < 1:
+            raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size}, {group_size}")
+        self.task_ids = [int(t) for t in task_ids]
+        self.batch_size, self.seed, self.group_size = batch_size, int(seed), group_size
+        self._dataset = (
+            grain.MapDataset.source(self.task_ids).seed(self.seed).shuffle().repeat().batch(batch_size)
+        )
+        self._fingerprint = _fingerprint(self.task_ids, self.seed, batch_size, group_size)
+        self._iter = iter(self._dataset)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        batch = next(self._iter)
+        return [int(t) for t in np.repeat(batch, self.group_size)]
+
+    def batch_at(self, index: int) -> list[int]:
+        """The `index`-th batch without moving the iterator (random access into the stream)."""
+        return [int(t) for t in np.repeat(self._dataset[index], self.group_size)]
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position; `set_state` on a sampler built alike resumes exactly."""
+        state = dict(self._iter.get_state())
+        state.update(fingerprint=self._fingerprint, seed=self.seed)
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                "sampler state was saved for different task ids, seed, batch_size or group_size "
+                f"(saved fingerprint {state.get('fingerprint')!r}, this sampler {self._fingerprint!r})")
+        self._iter.set_state({k: v for k, v in state.items() if k not in ("fingerprint", "seed")})
+
+
+def env_task_sampler(env_name: str, split: str, batch_size: int, seed: int = 0, group_size: int = 1,
+                     **env_kwargs: Any) -> TaskSampler:
+    """A `TaskSampler` over `envs.task_ids(env_name, split, **env_kwargs)`."""
+    import envs
+
+    return TaskSampler(envs.task_ids(env_name, split, **env_kwargs), batch_size, seed, group_size)
