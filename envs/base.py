@@ -78,6 +78,9 @@ class Env:
     name: ClassVar[str] = "env"
     ack: ClassVar[str] = ACK
     max_turns: ClassVar[int] = 20
+    # AgentGym clients send the parsed action to the server, except SearchQA's, which sends the
+    # raw reply; the HTTP client and server follow the same split.
+    server_parses: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._started = False
@@ -103,8 +106,16 @@ class Env:
         parsed = self.parse(reply)
         if parsed.action is None:
             return StepResult(parsed.error or "", 0.0, False, {"parse_error": True})
-        result = self._step(parsed.action)
-        result.info.setdefault("action", parsed.action)
+        return self.step_action(parsed.action)
+
+    def step_action(self, action: str) -> StepResult:
+        """Apply an already-parsed action (what AgentGym clients post to `/step`)."""
+        if not self._started:
+            return StepResult(NOT_RESET, 0.0, True, {"error": "not reset"})
+        if self._done:
+            return StepResult(EPISODE_OVER, 0.0, True, {"error": "episode finished"})
+        result = self._step(str(action)[:MAX_ACTION_CHARS])
+        result.info.setdefault("action", action)
         self._done = bool(result.done)
         return result
 

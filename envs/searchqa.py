@@ -97,6 +97,7 @@ def _load_questions(source: str) -> list[dict[str, Any]]:
 class SearchQAEnv(Env):
     name = "searchqa"
     max_turns = 5
+    server_parses = True
 
     def __init__(self, corpus: str | None = None, questions: str | None = None, top_k: int = 3) -> None:
         """corpus: JSONL of {id, title, text}; questions: JSONL of {question, answers} or
