@@ -45,10 +45,8 @@ class DataConfig:
   max_response_length: int = 4096
   """Token budget after the prompt (model turns + env replies); an episode reaching it is
   truncated and counted in ``train/truncated_frac``."""
-  shuffle: bool = True
-  """Shuffle training task ids each epoch (seeded, checkpointed)."""
   seed: int = 0
-  """Seed of the task order."""
+  """Seed of the task order (reshuffled every epoch; the position is checkpointed)."""
 
   def __post_init__(self):
     for k in ("train_batch_size", "val_batch_size", "max_prompt_length", "max_response_length"):

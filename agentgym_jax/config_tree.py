@@ -79,6 +79,11 @@ def _coerce(value: Any, tp, key: str):
       raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
     return value
   if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
     return float(value)

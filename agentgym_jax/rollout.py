@@ -161,7 +161,7 @@ class Rollout:
       e.error = str(res.info["error"])
       self._finish(e)
       return
-    msgs = self.pool.initial_messages(e.uid, res.observation)
+    msgs = self.pool.initial_messages(res)
     e.messages = list(msgs)
     ids = self.chat.prompt_ids(msgs)
     if len(ids) > s.max_prompt_length or len(ids) >= self.engine.config.max_len:

@@ -113,7 +113,7 @@ class Trainer:
     self.horizon = make_horizon(cfg.algorithm.rounds_ctrl)
     train_ids = envs.task_ids(cfg.env.name, cfg.env.train_split, **cfg.env.kwargs)
     self.val_ids = envs.task_ids(cfg.env.name, cfg.env.test_split, **cfg.env.kwargs)[: cfg.data.val_batch_size]
-    self.sampler = TaskSampler(train_ids, cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    self.sampler = TaskSampler(train_ids, cfg.data.train_batch_size, seed=cfg.data.seed)
     self.ckpt = Checkpointer(
         os.path.join(self.out, "checkpoints"), save_every=cfg.trainer.save_freq,
         max_to_keep=cfg.trainer.max_to_keep, async_save=cfg.trainer.async_checkpoint,
@@ -171,7 +171,7 @@ class Trainer:
   def train_step(self, step: int) -> dict[str, float]:
     cfg, U = self.cfg, self.U
     t0 = time.perf_counter()
-    task_ids = self.sampler.next_batch()
+    task_ids = next(self.sampler)
     tasks = [(t, g) for g, t in enumerate(task_ids) for _ in range(cfg.rollout.n)]
     s = self.settings(step)
     episodes = self.rollout.run(tasks, s)

@@ -7,7 +7,7 @@ import transformers
 
 from agentgym_jax.engine import Engine, EngineConfig
 from agentgym_jax.engine.chat import ChatDeltas
-from agentgym_jax.envs_driver import LocalDriver
+from agentgym_jax.envs_driver import EnvDriver
 from agentgym_jax.models import from_pretrained
 from agentgym_jax.rollout import Rollout, RolloutSettings, rollout_metrics, to_batch
 from agentgym_jax.rl.losses import sequence_logprobs
@@ -28,7 +28,7 @@ def _rollout(agent, *, max_len=1600, slots=3, buckets=(64, 256, 1024)):
   _, tok, model = agent
   engine = Engine(model, EngineConfig(num_slots=slots, max_len=max_len, prefill_buckets=buckets))
   chat = ChatDeltas(tok)
-  return Rollout(engine, LocalDriver("babyai", LEVELS), chat, stop_token_ids=model.config.eos_token_ids), chat
+  return Rollout(engine, EnvDriver("babyai", LEVELS), chat, stop_token_ids=model.config.eos_token_ids), chat
 
 
 def test_trajectory_is_prompt_plus_turns_plus_deltas(agent):
@@ -95,8 +95,9 @@ def test_outcome_reward_on_last_model_token_and_metrics(agent):
 
 def test_length_limit_truncates_without_crashing(agent):
   _, tok, model = agent
-  prompt_len = len(ChatDeltas(tok).prompt_ids(
-      LocalDriver("babyai", LEVELS).initial_messages(0, LocalDriver("babyai", LEVELS)._proto.reset(0))))
+  drv = EnvDriver("babyai", LEVELS)
+  drv.submit_reset(0, 0)
+  prompt_len = len(ChatDeltas(tok).prompt_ids(drv.initial_messages(drv.poll()[0][1])))
   ro, _ = _rollout(agent, max_len=prompt_len + 40, slots=2, buckets=(64, 256))
   eps = ro.run([(0, 0), (1, 0), (2, 1)], RolloutSettings(max_turns=6, max_tokens_per_turn=16,
                                                           max_prompt_length=prompt_len + 20, seed=0))
