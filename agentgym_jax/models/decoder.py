@@ -126,7 +126,7 @@ class Attention(nnx.Module):
     self.n_heads, self.n_kv, self.head_dim = h, k, d
 
   def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
-    """x [B,T,E]; mask [B,T,S] bool (query t may see key s). kv: this layer's (k, v) cache."""
+    """x [B,T,E]; mask [B,T,S] bool (query t may see key s); kv: (cache k, cache v, layer)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
@@ -135,14 +135,16 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv is not None:
-      ck, cv = kv
-      # Scatter with mode="drop": a write past max_len is discarded instead of being clamped
-      # onto (and corrupting) earlier entries, as dynamic_update_slice would do.
+      # kv = (k, v, layer) with the whole [L, B, S, K, D] cache: scattering into it in place
+      # avoids rebuilding (copying) the full cache from per-layer slices on every step.
+      # mode="drop": a write past max_len is discarded instead of being clamped onto (and
+      # corrupting) earlier entries, as dynamic_update_slice would do.
+      ck, cv, layer = kv
       idx = cache_index[:, None] + jnp.arange(t)[None, :]
       rows = jnp.arange(b)[:, None]
-      ck = ck.at[rows, idx].set(k.astype(ck.dtype), mode="drop")
-      cv = cv.at[rows, idx].set(v.astype(cv.dtype), mode="drop")
-      k_all, v_all, new_kv = ck.astype(x.dtype), cv.astype(x.dtype), (ck, cv)
+      ck = ck.at[layer, rows, idx].set(k.astype(ck.dtype), mode="drop")
+      cv = cv.at[layer, rows, idx].set(v.astype(cv.dtype), mode="drop")
+      k_all, v_all, new_kv = ck[layer].astype(x.dtype), cv[layer].astype(x.dtype), (ck, cv)
     else:
       k_all, v_all, new_kv = k, v, None
     g = self.n_heads // self.n_kv
@@ -241,18 +243,17 @@ class Transformer(nnx.Module):
         positions = q_pos
       mask = jnp.arange(cache.max_len)[None, None, :] <= q_pos[:, :, None]
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-    new_k, new_v = [], []
+    ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
     for i, layer in enumerate(self.layers):
-      kv = (cache.k[i], cache.v[i]) if cache is not None else None
+      kv = (ck, cv, i) if cache is not None else None
       if self.remat:
         x, kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions, inv_freq, mask, kv, cache_index)
       else:
         x, kv = layer(x, positions, inv_freq, mask, kv, cache_index)
       if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        ck, cv = kv
     x = self.norm(x)
-    new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v)) if cache is not None else None
+    new_cache = KVCache(k=ck, v=cv) if cache is not None else None
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
