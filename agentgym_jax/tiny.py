@@ -358,6 +358,10 @@ def pretrain_tiny(
            + "".join(render_message(m["role"], m["content"]) for m in ep["messages"]) for ep in eps]
   tok = train_tokenizer(chats, vocab_size, out)
   rows = [episode_tokens(tok, instruction, ack, ep, obs_weight) for ep in eps]
+  n_pre = rows[0][1].index(1.0) if 1.0 in rows[0][1] else len(rows[0][1])
+  if seq_len <= n_pre + 16:
+    raise ValueError(f"seq_len={seq_len} leaves nothing to learn: the fixed preamble alone is "
+                     f"{n_pre} tokens; use seq_len >= {n_pre + 256}")
   lens = np.array([len(r[0]) for r in rows])
 
   cfg = tiny_config(len(tok), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,

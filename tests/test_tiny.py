@@ -107,8 +107,12 @@ def test_shipped_model_loads_and_matches_tokenizer(tok):
   assert cfg.num_hidden_layers == info["settings"]["layers"]
   assert cfg.eos_token_ids[0] == tok.convert_tokens_to_ids(tiny.IM_END) == info["stop_token_id"]
   assert cfg.pad_token_id == tok.pad_token_id
-  ids = tok.apply_chat_template([{"role": "user", "content": "Your goal: go to the red ball"}],
-                                tokenize=True, add_generation_prompt=True, return_dict=False)
+  import envs
+
+  env = tiny._make_env(tiny.DEFAULT_LEVELS)
+  msgs = envs.initial_messages(env, env.reset(0))
+  env.close()
+  ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
   logits = model(jnp.asarray([ids]))
   assert logits.shape == (1, len(ids), cfg.vocab_size)
   assert bool(jnp.all(jnp.isfinite(logits)))
@@ -145,8 +149,8 @@ def test_pretrain_tiny_miniature(tmp_path):
   from agentgym_jax.models import from_pretrained
 
   out = tiny.pretrain_tiny(tmp_path / "m", levels=["GoToRedBallNoDists"], episodes=6, steps=12,
-                           seed=0, max_turns=2, vocab_size=400, hidden=32, layers=1, heads=2,
-                           kv_heads=1, batch=2, seq_len=128, lr=1e-2, baseline_horizon=2,
+                           seed=0, max_turns=2, vocab_size=600, hidden=32, layers=1, heads=2,
+                           kv_heads=1, batch=2, seq_len=640, lr=1e-2, baseline_horizon=2,
                            baseline_repeats=1)
   with open(os.path.join(out, "pretrain_info.json")) as f:
     info = json.load(f)
@@ -164,3 +168,5 @@ def test_pretrain_tiny_miniature(tmp_path):
 def test_pretrain_rejects_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match="episodes"):
     tiny.pretrain_tiny(tmp_path, episodes=0, steps=1)
+  with pytest.raises(ValueError, match="preamble"):
+    tiny.pretrain_tiny(tmp_path, levels=["GoToRedBallNoDists"], episodes=2, steps=1, seq_len=64)
