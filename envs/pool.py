@@ -204,7 +204,7 @@ class EnvPool:
         try:
             w.conn.send(req)
         except (OSError, ValueError) as e:
-            self._fail_worker(index, f"worker pipe broken: {e}")
+            self._fail_worker(index, f"worker crashed (pipe broken: {e})")
 
     # -- results --------------------------------------------------------------------------------
     def poll(self, timeout: float = 0.0) -> list[tuple[EpisodeId, StepResult]]:
