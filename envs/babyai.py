@@ -134,7 +134,9 @@ class BabyAIEnv(Env):
             return StepResult(text + self._actions_suffix(), 0.0, False, info)
         terminated = truncated = False
         reward, obs = 0.0, None
-        for low in self.actions[action]:
+        # An empty plan means the agent already faces its target: "done" lets BabyAI verify the
+        # instruction without moving (and keeps obs defined).
+        for low in self.actions[action] or [self._env.unwrapped.actions.done]:
             obs, reward, terminated, truncated, _ = self._env.step(low)
             self.steps += 1
             changed = (obs["image"] != self._image).any()

@@ -197,3 +197,21 @@ def test_webshop_navigation():
     assert "Page 2 " in res.observation
     res = env.step(act("click[Back to Search]"))
     assert '"has_search_bar": true' in res.observation
+
+
+def test_babyai_go_to_the_object_already_faced_does_not_crash():
+    """An empty path plan (already facing the target) must still give an observation."""
+    import random
+
+    from agentgym_jax.tiny import offered_actions
+
+    env = envs.make("babyai", levels=["GoToRedBall", "GoToLocal"])
+    rng = random.Random(0)
+    for t in range(60):
+        obs = env.reset(t)
+        for _ in range(6):
+            res = env.step("Thought:\nx\n\nAction:\n" + rng.choice(offered_actions(obs)))
+            assert isinstance(res.observation, str) and res.observation
+            obs = res.observation
+            if res.done:
+                break
