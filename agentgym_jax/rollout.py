@@ -78,8 +78,9 @@ class Rollout:
   """
 
   def __init__(self, engine: Engine, pool, chat: ChatDeltas, *, stop_token_ids: Sequence[int] = (),
-               success_fn: Callable | None = None):
+               success_fn: Callable | None = None, gather_window_s: float = 0.02):
     self.engine = engine
+    self.gather_window_s = gather_window_s
     self.pool = pool
     self.chat = chat
     self.stop_token_ids = tuple(dict.fromkeys([chat.end_of_turn_id, *stop_token_ids]))
@@ -102,8 +103,8 @@ class Rollout:
       # 1) Collect env replies (block only when the engine has nothing to do).
       if waiting_env:
         tw = time.perf_counter()
-        results = pool.poll(timeout=0.0 if decoding else 0.05)
-        env_wait += time.perf_counter() - tw if not decoding else 0.0
+        results = self._gather(waiting_env, len(decoding))
+        env_wait += time.perf_counter() - tw
         to_append: list[Episode] = []
         for uid, res in results:
           e = eps[uid]
@@ -154,6 +155,23 @@ class Rollout:
         rollout_s=time.perf_counter() - t0, env_wait_s=env_wait, decode_s=decode_time,
     )
     return [eps[u] for u in sorted(eps)]
+
+  def _gather(self, waiting_env: set[int], n_decoding: int) -> list:
+    """Env replies that are ready, waiting up to ``gather_window_s`` for more while more
+    episodes wait on envs than decode. A decode step costs the same for 1 or all slots, so
+    starting a turn for one episode while the rest of the batch is a few ms behind wastes
+    the accelerator; slow envs still cannot stall it for longer than the window."""
+    results = self.pool.poll(timeout=0.0 if n_decoding else 0.05)
+    deadline = time.perf_counter() + self.gather_window_s
+    while len(results) < len(waiting_env) and n_decoding < len(waiting_env) - len(results):
+      left = deadline - time.perf_counter()
+      if left <= 0:
+        break
+      more = self.pool.poll(timeout=min(left, 0.005))
+      if more:
+        results += more
+        deadline = time.perf_counter() + self.gather_window_s
+    return results
 
   # ---- event handlers ----
   def _on_reset(self, e: Episode, res, s: RolloutSettings, ready: list[Episode]):

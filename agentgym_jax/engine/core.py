@@ -29,7 +29,7 @@ class SlotState:
   """Device state of the slot batch (the part that jitted steps replace and donate)."""
 
   cache: KVCache
-  """[layers, slots, max_len, kv_heads, head_dim] keys and values."""
+  """Per-layer [slots, max_len, kv_heads, head_dim] keys and values."""
   length: jax.Array
   """[S] int32: tokens encoded in the cache (the pending token is at position ``length``)."""
   pending: jax.Array
@@ -60,7 +60,7 @@ class DecodeOut:
 
 
 def init_state(cache: KVCache) -> SlotState:
-  s = cache.k.shape[1]
+  s = cache.num_slots
   return SlotState(
       cache=cache,
       length=jnp.zeros((s,), jnp.int32),
@@ -78,16 +78,10 @@ def extend(model, state: SlotState, slot_ids, tokens, start, count, pending, see
   Only the selected rows of the cache are gathered, run and scattered back.
   """
   cache = state.cache
-  sub = KVCache(
-      k=jnp.take(cache.k, slot_ids, axis=1, mode="fill", fill_value=0),
-      v=jnp.take(cache.v, slot_ids, axis=1, mode="fill", fill_value=0),
-  )
+  sub = cache.map(lambda c: jnp.take(c, slot_ids, axis=0, mode="fill", fill_value=0))
   # The LM head is skipped: only the cache matters (the last token stays pending).
   _, sub = model.hidden_states(tokens, cache=sub, cache_index=start)
-  cache = KVCache(
-      k=cache.k.at[:, slot_ids].set(sub.k, mode="drop"),
-      v=cache.v.at[:, slot_ids].set(sub.v, mode="drop"),
-  )
+  cache = jax.tree.map(lambda c, n: c.at[slot_ids].set(n, mode="drop"), cache, sub)
   fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(0), s)))(seeds)
   old_rng = jnp.take(state.rng, slot_ids, axis=0, mode="fill", fill_value=0)
   rng = jnp.where(new_rng[:, None], fresh.astype(jnp.uint32), old_rng)

@@ -118,7 +118,7 @@ class Engine:
     cache = KVCache.zeros(mcfg, config.num_slots, config.max_len, dtype)
     state = core.init_state(cache)
     if mesh is not None:
-      kv = shd.sharding_for(("layers", "slots", "length", "kv_heads", "head_dim"), cache.k.shape, mesh, rules)
+      kv = shd.sharding_for(("slots", "length", "kv_heads", "head_dim"), cache.k[0].shape, mesh, rules)
       per_slot = shd.sharding_for(("slots",), (config.num_slots,), mesh, rules)
       rng = NamedSharding(mesh, P(*per_slot.spec, None))
     else:

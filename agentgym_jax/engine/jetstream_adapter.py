@@ -120,10 +120,8 @@ class JetStreamAdapter:
     def insert(prefix, state, slot):
       s = state.slots
       z = jnp.int32(0)
-      cache = KVCache(
-          k=jax.lax.dynamic_update_slice(s.cache.k, prefix.cache.k.astype(s.cache.k.dtype), (z, slot, z, z, z)),
-          v=jax.lax.dynamic_update_slice(s.cache.v, prefix.cache.v.astype(s.cache.v.dtype), (z, slot, z, z, z)),
-      )
+      cache = jax.tree.map(
+          lambda c, p: jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (slot, z, z, z)), s.cache, prefix.cache)
       slots = core.SlotState(
           cache=cache,
           length=s.length.at[slot].set(prefix.length),
@@ -162,10 +160,10 @@ class JetStreamAdapter:
       rep = NamedSharding(Mesh(np.asarray(dev), ("x",)), P())
       return jax.tree.map(lambda _: rep, abstract)
     rep = NamedSharding(self._mesh, P())
-    kv = shd.sharding_for(("layers", "slots", "length", "kv_heads", "head_dim"),
-                          abstract.slots.cache.k.shape, self._mesh)
+    kv = shd.sharding_for(("slots", "length", "kv_heads", "head_dim"),
+                          abstract.slots.cache.k[0].shape, self._mesh)
     out = jax.tree.map(lambda _: rep, abstract)
-    return out.replace(slots=out.slots.replace(cache=KVCache(kv, kv)))
+    return out.replace(slots=out.slots.replace(cache=abstract.slots.cache.map(lambda _: kv)))
 
   # ---- JetStream Engine API ----
   def load_params(self, *args, **kwargs):

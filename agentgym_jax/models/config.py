@@ -41,6 +41,11 @@ class ModelConfig:
   hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
   """The rest of the original config.json, written back verbatim on export."""
 
+  def __hash__(self) -> int:
+    # Configs ride in jit static args (the NNX graphdef); list/dict fields need a stable hash.
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+    return hash(json.dumps(d, sort_keys=True, default=str))
+
   @property
   def eos_token_ids(self) -> tuple[int, ...]:
     e = self.eos_token_id

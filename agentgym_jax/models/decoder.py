@@ -23,19 +23,33 @@ from agentgym_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values for every layer: [layers, batch (slots), max_len, kv_heads, head_dim]."""
+  """Keys and values, layer-major: ``k[layer]`` is [batch (slots), max_len, kv_heads, head_dim].
 
-  k: jax.Array
-  v: jax.Array
+  One buffer per layer (a tuple, not a stacked [layers, ...] array): a decode step scatters
+  into each layer's buffer in place, while a stacked cache makes XLA copy it (~3x slower).
+  """
+
+  k: tuple
+  v: tuple
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    n = cfg.num_hidden_layers
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(n)))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1]
+
+  @property
+  def num_slots(self) -> int:
+    return self.k[0].shape[0]
+
+  def map(self, fn) -> "KVCache":
+    """Apply ``fn`` to every layer's k and v buffer."""
+    return KVCache(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -126,7 +140,7 @@ class Attention(nnx.Module):
     self.n_heads, self.n_kv, self.head_dim = h, k, d
 
   def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
-    """x [B,T,E]; mask [B,T,S] bool (query t may see key s); kv: (cache k, cache v, layer)."""
+    """x [B,T,E]; mask [B,T,S] bool (query t may see key s); kv: this layer's (k, v) cache."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
@@ -135,16 +149,14 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv is not None:
-      # kv = (k, v, layer) with the whole [L, B, S, K, D] cache: scattering into it in place
-      # avoids rebuilding (copying) the full cache from per-layer slices on every step.
       # mode="drop": a write past max_len is discarded instead of being clamped onto (and
       # corrupting) earlier entries, as dynamic_update_slice would do.
-      ck, cv, layer = kv
+      ck, cv = kv
       idx = cache_index[:, None] + jnp.arange(t)[None, :]
       rows = jnp.arange(b)[:, None]
-      ck = ck.at[layer, rows, idx].set(k.astype(ck.dtype), mode="drop")
-      cv = cv.at[layer, rows, idx].set(v.astype(cv.dtype), mode="drop")
-      k_all, v_all, new_kv = ck[layer].astype(x.dtype), cv[layer].astype(x.dtype), (ck, cv)
+      ck = ck.at[rows, idx].set(k.astype(ck.dtype), mode="drop")
+      cv = cv.at[rows, idx].set(v.astype(cv.dtype), mode="drop")
+      k_all, v_all, new_kv = ck.astype(x.dtype), cv.astype(x.dtype), (ck, cv)
     else:
       k_all, v_all, new_kv = k, v, None
     g = self.n_heads // self.n_kv
@@ -243,17 +255,18 @@ class Transformer(nnx.Module):
         positions = q_pos
       mask = jnp.arange(cache.max_len)[None, None, :] <= q_pos[:, :, None]
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-    ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
+    new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      kv = (ck, cv, i) if cache is not None else None
+      kv = (cache.k[i], cache.v[i]) if cache is not None else None
       if self.remat:
         x, kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions, inv_freq, mask, kv, cache_index)
       else:
         x, kv = layer(x, positions, inv_freq, mask, kv, cache_index)
       if kv is not None:
-        ck, cv = kv
+        new_k.append(kv[0])
+        new_v.append(kv[1])
     x = self.norm(x)
-    new_cache = KVCache(k=ck, v=cv) if cache is not None else None
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
     return x, new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -163,7 +163,7 @@ def test_sharded_engine_matches_single_device(qwen):
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   sharded = from_pretrained(qwen["dir"], mesh=mesh)
   eng = Engine(sharded, SHARED, mesh=mesh)
-  assert len(eng.state.cache.k.sharding.device_set) == 8
+  assert len(eng.state.cache.k[0].sharding.device_set) == 8
   for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=2)):
     ref = generate(qwen["model"], prompts, 10, engine=qwen["engine"], **kw)
     got = generate(sharded, prompts, 10, engine=eng, **kw)
