@@ -54,10 +54,11 @@ def resolve_model_path(path: str) -> str:
 
 
 def _pad_bucket(n: int, cap: int) -> int:
-  """Sequence length buckets (powers of two, >= 64) so the update compiles a few times only."""
-  t = 64
+  """Training sequence length: the next of 128 * 1.25^k (so a handful of update compiles,
+  and attention, quadratic in it, wastes at most ~25% on padding), capped at ``cap``."""
+  t = 128
   while t < n:
-    t *= 2
+    t = -(-int(t * 1.25) // 64) * 64
   return min(t, cap)
 
 
