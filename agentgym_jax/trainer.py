@@ -177,8 +177,7 @@ class Trainer:
     s = self.settings(step)
     episodes = self.rollout.run(tasks, s)
     t_roll = time.perf_counter()
-    batch = to_batch(episodes)
-    t_len = _pad_bucket(batch["input_ids"].shape[1], self.max_len)
+    t_len = _pad_bucket(max(len(e.tokens) for e in episodes), self.max_len)
     batch = to_batch(episodes, pad_multiple=t_len, max_len=self.max_len)
     dev = U.shard_batch({k: v for k, v in batch.items() if v.ndim == 2}, self.mesh)
     micro = cfg.actor.micro_batch_size
