@@ -21,6 +21,21 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _init_distributed() -> None:
+  import jax
+
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    if env.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    )
+  else:  # TPU pods and SLURM are detected by jax itself
+    jax.distributed.initialize()
+  log.info("process %d of %d, %d global devices", jax.process_index(), jax.process_count(), jax.device_count())
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
   p.add_argument("--output-dir", help="run directory (trainer.output_dir)")
@@ -118,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
       description="Multi-turn agentic RL for LLMs on JAX (AgentGym-RL, ScalingInter-RL).",
   )
   ap.add_argument("-v", "--verbose", action="store_true")
+  ap.add_argument(
+      "--distributed", action="store_true",
+      help="call jax.distributed.initialize() first (multi-host TPU pods, SLURM/GPU clusters; "
+      "coordinator from the environment or JAX_COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID)",
+  )
   sub = ap.add_subparsers(dest="cmd", required=True)
 
   p = sub.add_parser("train", help="RL training (resumes automatically from the output dir)")
@@ -168,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   _setup_logging(args.verbose)
+  if args.distributed:
+    _init_distributed()
   from agentgym_jax.config_tree import ConfigError
 
   try:
