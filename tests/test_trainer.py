@@ -73,12 +73,25 @@ def test_grpo_run_then_resume_is_bit_identical(model_dir, tmp_path):
 def test_ppo_with_critic_runs(model_dir, tmp_path):
   out = str(tmp_path / "ppo")
   s = train(cfg_for(model_dir, out, "algorithm.adv_estimator=gae", "critic.ppo_mini_batch_size=4",
-                    "critic.lr=1e-3", "trainer.total_training_steps=3", "trainer.test_freq=0"))
+                    "critic.lr=1e-3", "actor.lr=1e-3", "trainer.total_training_steps=3", "trainer.test_freq=0"))
   assert s["step"] == 3
   rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
   assert len(rows) == 3
   for k in ("critic/vf_loss", "critic/vf_explained_var", "actor/pg_loss"):
     assert all(np.isfinite(r[k]) for r in rows), k
+  # Export the trained actor (partial restore: the checkpoint also holds the critic).
+  import torch
+  import transformers
+
+  from agentgym_jax.trainer import export_checkpoint
+
+  exported = export_checkpoint(cfg_for(model_dir, out), str(tmp_path / "hf"))
+  ids = torch.tensor([[5, 9, 13, 21, 34]])
+  with torch.no_grad():
+    new = transformers.AutoModelForCausalLM.from_pretrained(exported)(ids).logits
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
+  assert transformers.AutoTokenizer.from_pretrained(exported).chat_template
+  assert not torch.allclose(new, base), "export did not carry the trained weights"
 
 
 def test_corrupt_latest_checkpoint_falls_back(model_dir, tmp_path, caplog):
