@@ -38,6 +38,8 @@ class Episode:
   messages: list[dict] = dataclasses.field(default_factory=list)
   prompt_len: int = 0
   turns: int = 0
+  turns_stopped: int = 0
+  """Model turns that ended on a stop token (the rest hit max_tokens_per_turn)."""
   score: float = 0.0
   success: bool = False
   env_done: bool = False
@@ -202,6 +204,7 @@ class Rollout:
     e.turns += 1
     if toks:
       e.turn_ends.append(len(e.tokens) - 1)
+    e.turns_stopped += turn.finish_reason == "stop"
     text = self.chat.tokenizer.decode(toks, skip_special_tokens=True)
     e.messages.append({"role": "assistant", "content": text})
     if turn.finish_reason == "max_len":
@@ -274,6 +277,8 @@ def rollout_metrics(episodes: Sequence[Episode], prefix: str = "train") -> dict[
       f"{prefix}/success_rate": sum(e.success for e in episodes) / n,
       f"{prefix}/turns_mean": sum(e.turns for e in episodes) / n,
       f"{prefix}/turns_max": float(max((e.turns for e in episodes), default=0)),
+      # Falls toward 0 when the policy stops closing its turns (a common RL collapse).
+      f"{prefix}/turn_stop_frac": sum(e.turns_stopped for e in episodes) / max(sum(e.turns for e in episodes), 1),
       f"{prefix}/response_tokens_mean": float(np.mean(resp)) if resp else 0.0,
       f"{prefix}/seq_len_mean": float(np.mean([len(e.tokens) for e in episodes])) if episodes else 0.0,
       f"{prefix}/truncated_frac": sum(e.truncated in ("length", "prompt") for e in episodes) / n,

@@ -90,6 +90,8 @@ def test_outcome_reward_on_last_model_token_and_metrics(agent):
     assert b["rewards"][i, last] == 1.0 and b["rewards"][i].sum() == 1.0
   m = rollout_metrics(eps)
   assert m["train/turns_mean"] == pytest.approx(np.mean([e.turns for e in eps]))
+  closed = sum(e.tokens[i] == ro.chat.end_of_turn_id for e in eps for i in e.turn_ends)
+  assert m["train/turn_stop_frac"] == pytest.approx(closed / sum(e.turns for e in eps))
   assert 0.0 <= m["train/horizon_cut_frac"] <= 1.0
 
 
