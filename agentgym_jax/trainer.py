@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -21,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agentgym_jax import config_tree as ct
 from agentgym_jax import sharding as shd
 from agentgym_jax.checkpoint import Checkpointer
 from agentgym_jax.config import TrainConfig, to_yaml

@@ -6,7 +6,6 @@ Prints one JSON object. Usage: python bench/train_step.py [--config configs/demo
 
 import argparse
 import json
-import os
 import tempfile
 
 
