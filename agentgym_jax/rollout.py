@@ -100,7 +100,6 @@ class Rollout:
     decoding: set[int] = set()
     unfinished = len(eps)
     env_wait = decode_time = 0.0
-    stop_ids = self.stop_token_ids
     while unfinished:
       # 1) Collect env replies (block only when the engine has nothing to do).
       if waiting_env:
@@ -135,7 +134,7 @@ class Rollout:
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seeds=[episode_seed(s.seed, e.uid) for e in batch],
         )
-        eng.begin_turn([e.slot for e in batch], s.max_tokens_per_turn, stop_ids)
+        eng.begin_turn([e.slot for e in batch], s.max_tokens_per_turn, self.stop_token_ids)
         decoding.update(e.uid for e in batch)
       # 3) Decode until some turn ends; hand finished turns to the envs.
       if decoding:
