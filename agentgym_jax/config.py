@@ -32,6 +32,9 @@ class ModelSection:
   """Storage dtype of the trained parameters (master weights)."""
   remat: bool = False
   """Recompute each layer in the backward pass (activation memory for compute)."""
+  attn_q_block: int = 128
+  """Query block of causal attention over whole sequences (update, log-probs): blocks only read
+  keys up to their end, halving the work; 0 = one block."""
 
 
 @dataclasses.dataclass

@@ -84,7 +84,8 @@ class Trainer:
     tok_path = resolve_model_path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else path
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_path)
     dtype, pdtype = _DTYPES[cfg.model.dtype], _DTYPES[cfg.model.param_dtype]
-    actor = from_pretrained(path, dtype, self.mesh, param_dtype=pdtype, remat=cfg.model.remat)
+    actor = from_pretrained(path, dtype, self.mesh, param_dtype=pdtype, remat=cfg.model.remat,
+                           attn_q_block=cfg.model.attn_q_block)
     self.model_config = actor.config
     self.U = U
     self.actor = U.init_train_state(actor, U.make_optimizer(cfg.actor), self.mesh)
@@ -93,7 +94,8 @@ class Trainer:
     self.ref_params = jax.tree.map(jnp.copy, self.actor.params) if cfg.ref.enable else None
     self.critic = None
     if cfg.uses_critic:
-      critic = critic_from_pretrained(path, dtype, self.mesh, param_dtype=pdtype, remat=cfg.model.remat)
+      critic = critic_from_pretrained(path, dtype, self.mesh, param_dtype=pdtype, remat=cfg.model.remat,
+                                    attn_q_block=cfg.model.attn_q_block)
       self.critic = U.init_train_state(critic, U.make_optimizer(cfg.critic), self.mesh)
       self.critic_update = U.make_critic_update(cfg.critic, self.mesh, self.critic)
 

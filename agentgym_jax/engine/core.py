@@ -69,18 +69,20 @@ def init_state(cache: KVCache) -> SlotState:
   )
 
 
-def extend(model, state: SlotState, slot_ids, tokens, start, count, pending, seeds, new_rng):
+def extend(model, state: SlotState, slot_ids, tokens, start, count, pending, seeds, new_rng, *,
+           attend_len=None):
   """Write ``tokens[r, :count[r]]`` into slot ``slot_ids[r]`` from cache position ``start[r]``.
 
   slot_ids [R] (ids >= S are padding rows: read as zeros, writes dropped), tokens [R, T],
   start / count / pending [R] int32; ``pending`` becomes the slot's pending token. Rows with
   ``new_rng`` get a fresh key ``fold_in(key(0), seeds[r])`` (a new episode).
-  Only the selected rows of the cache are gathered, run and scattered back.
+  Only the selected rows of the cache are gathered, run and scattered back. ``attend_len``
+  (static) bounds the cache entries attention reads; it must cover every ``start + count``.
   """
   cache = state.cache
   sub = cache.map(lambda c: jnp.take(c, slot_ids, axis=0, mode="fill", fill_value=0))
   # The LM head is skipped: only the cache matters (the last token stays pending).
-  _, sub = model.hidden_states(tokens, cache=sub, cache_index=start)
+  _, sub = model.hidden_states(tokens, cache=sub, cache_index=start, attend_len=attend_len)
   cache = jax.tree.map(lambda c, n: c.at[slot_ids].set(n, mode="drop"), cache, sub)
   fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(0), s)))(seeds)
   old_rng = jnp.take(state.rng, slot_ids, axis=0, mode="fill", fill_value=0)
@@ -93,18 +95,22 @@ def extend(model, state: SlotState, slot_ids, tokens, start, count, pending, see
   )
 
 
-def forward_pending(model, state: SlotState, active):
-  """Feed every slot's pending token; inactive slots write nowhere. -> (logits [S, V], cache)."""
+def forward_pending(model, state: SlotState, active, attend_len=None):
+  """Feed every slot's pending token; inactive slots write nowhere. -> (logits [S, V], cache).
+
+  ``attend_len`` (static) bounds the cache entries read; it must exceed every active length.
+  """
   max_len = state.cache.max_len
   # An index of max_len makes the scatter drop the write (mode="drop" in the decoder).
   idx = jnp.where(active, state.length, max_len)
-  logits, cache = model(state.pending[:, None], cache=state.cache, cache_index=idx)
+  logits, cache = model(state.pending[:, None], cache=state.cache, cache_index=idx,
+                        attend_len=attend_len)
   return logits[:, 0], cache
 
 
-def decode_step(model, state: SlotState, active, sampling: SamplingParams):
+def decode_step(model, state: SlotState, active, sampling: SamplingParams, attend_len=None):
   """One token for every active slot. -> (state, tokens, logprobs, sampler_logprobs)."""
-  logits, cache = forward_pending(model, state, active)
+  logits, cache = forward_pending(model, state, active, attend_len)
   next_rng, keys = split_keys(state.rng)
   tok, lp, slp = sample(logits, keys, sampling)
   state = SlotState(
@@ -116,8 +122,11 @@ def decode_step(model, state: SlotState, active, sampling: SamplingParams):
   return state, tok, lp, slp
 
 
-def decode_loop(model, state: SlotState, ctrl: DecodeControl, chunk: int):
+def decode_loop(model, state: SlotState, ctrl: DecodeControl, chunk: int, attend_len=None):
   """Decode up to ``chunk`` steps in one ``lax.while_loop``; per-slot stop / budget / max_len.
+
+  ``attend_len`` (static) bounds the cache entries attention reads: the caller picks it above
+  every active slot's ``length + min(chunk, budget) - 1``, the last position this call can feed.
 
   Stops when no slot is active, after ``chunk`` steps, or once the watched slots have finished
   (any one of them with ``return_on_first``, so the host can refill it while the others keep
@@ -143,7 +152,7 @@ def decode_loop(model, state: SlotState, ctrl: DecodeControl, chunk: int):
 
   def body(carry):
     st, active, step, out = carry
-    st, tok, lp, slp = decode_step(model, st, active, ctrl.sampling)
+    st, tok, lp, slp = decode_step(model, st, active, ctrl.sampling, attend_len)
     n_new = out.n_new + active.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == ctrl.stop_ids, axis=-1)
     # Sequence length incl. the new pending token is length + 1; it may not pass max_len.

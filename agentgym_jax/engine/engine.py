@@ -51,6 +51,11 @@ class EngineConfig:
   """KV cache dtype; default: the model's compute dtype."""
   seed: int = 0
   """Base seed; each prefilled episode gets its own stream (see ``Engine.prefill``)."""
+  attend_buckets: tuple[int, ...] | None = None
+  """Cache lengths attention may read (one compile of decode / each prefill bucket per length
+  used): a call reads only the smallest one that covers its slots' positions, so short
+  episodes in a long cache do not pay for ``max_len``. Default: 256, 384, 512, 768, ... (2^k and
+  1.5 * 2^k) up to ``max_len``. ``(max_len,)`` always reads the whole cache."""
 
   def buckets(self) -> tuple[int, ...]:
     if self.prefill_buckets is not None:
@@ -62,6 +67,15 @@ class EngineConfig:
     out.append(min(self.max_len, 1024))
     return tuple(out)
 
+  def attend_lengths(self) -> tuple[int, ...]:
+    if self.attend_buckets is not None:
+      return tuple(sorted(set(min(int(b), self.max_len) for b in self.attend_buckets) | {self.max_len}))
+    out, b = [], 256
+    while b < self.max_len:
+      out += [b, b * 3 // 2] if b * 3 // 2 < self.max_len else [b]
+      b *= 2
+    return tuple(out) + (self.max_len,)
+
   def validate(self):
     if self.num_slots < 1:
       raise ValueError(f"EngineConfig.num_slots must be >= 1, got {self.num_slots}")
@@ -72,6 +86,8 @@ class EngineConfig:
       raise ValueError(f"EngineConfig.prefill_buckets must lie in [1, max_len={self.max_len}], got {b}")
     if self.decode_chunk < 1 or self.max_stop_ids < 1 or self.prefill_tokens_per_call < 1:
       raise ValueError("EngineConfig.decode_chunk, max_stop_ids, prefill_tokens_per_call must be >= 1")
+    if self.attend_buckets is not None and min(self.attend_buckets, default=0) < 1:
+      raise ValueError(f"EngineConfig.attend_buckets must be >= 1, got {self.attend_buckets}")
 
 
 @dataclasses.dataclass
@@ -143,12 +159,12 @@ class Engine:
       return wrapper
 
     @counted
-    def extend(graphdef, params, state, *args):
-      return core.extend(nnx.merge(graphdef, params), state, *args)
+    def extend(graphdef, params, state, attend_len, *args):
+      return core.extend(nnx.merge(graphdef, params), state, *args, attend_len=attend_len)
 
     @counted
-    def decode(graphdef, params, state, ctrl, chunk):
-      return core.decode_loop(nnx.merge(graphdef, params), state, ctrl, chunk)
+    def decode(graphdef, params, state, ctrl, chunk, attend_len):
+      return core.decode_loop(nnx.merge(graphdef, params), state, ctrl, chunk, attend_len)
 
     @counted
     def peek(graphdef, params, state):
@@ -158,9 +174,10 @@ class Engine:
     # The graphdef is closed over rather than passed as a static argument: a config holding a
     # dict (Llama rope_scaling) makes it unhashable.
     g, so = self.graphdef, out_state
-    self._extend = jax.jit(functools.partial(extend, g), donate_argnums=1, out_shardings=so)
+    self._extend = jax.jit(functools.partial(extend, g), static_argnums=2, donate_argnums=1,
+                           out_shardings=so)
     self._decode = jax.jit(
-        functools.partial(decode, g), static_argnums=3, donate_argnums=1, out_shardings=(so, None)
+        functools.partial(decode, g), static_argnums=(3, 4), donate_argnums=1, out_shardings=(so, None)
     )
     self._peek = jax.jit(functools.partial(peek, g))
 
@@ -276,6 +293,13 @@ class Engine:
         return b
     raise AssertionError(n)
 
+  def _attend_len(self, need: int) -> int:
+    """The smallest attend bucket covering cache positions ``0 .. need - 1``."""
+    for b in self.config.attend_lengths():
+      if need <= b:
+        return b
+    return self.config.max_len
+
   def _rows(self, t: int) -> int:
     rows = max(1, self.config.prefill_tokens_per_call // t)
     return min(self.num_slots, 1 << (rows.bit_length() - 1))
@@ -292,7 +316,8 @@ class Engine:
       ids[j], start[j], count[j], pend[j], seeds[j] = i, st, len(w), p, sd & 0xFFFFFFFF
       toks[j, : len(w)] = w
     new = np.full((rows,), new_rng, bool)
-    self.state = self._extend(self.params, self.state, ids, toks, start, count, pend, seeds, new)
+    attend = self._attend_len(int(np.max(start + count)))
+    self.state = self._extend(self.params, self.state, attend, ids, toks, start, count, pend, seeds, new)
 
   # ---- decoding ----
   def begin_turn(self, slot_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Sequence[int] = (),
@@ -354,7 +379,11 @@ class Engine:
         watch=np.isin(np.arange(s), list(watch)),
         return_on_first=np.array(return_on_first),
     )
-    self.state, out = self._decode(self.params, self.state, ctrl, self.config.decode_chunk)
+    chunk = self.config.decode_chunk
+    # A decode step feeds the pending token at position seq_len - 1; a call takes <= chunk steps.
+    need = max(x.seq_len - 1 + min(chunk, x.budget) for x in sl if x.active)
+    attend = self._attend_len(need)
+    self.state, out = self._decode(self.params, self.state, ctrl, chunk, attend)
     out = jax.device_get(out)
     for i, x in enumerate(sl):
       n = int(out.n_new[i])

@@ -139,8 +139,14 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.n_heads, self.n_kv, self.head_dim = h, k, d
 
-  def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
-    """x [B,T,E]; mask [B,T,S] bool (query t may see key s); kv: this layer's (k, v) cache."""
+  def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, q_block=0):
+    """x [B,T,E]; mask [B,T,S] bool (query t may see key s); kv: this layer's (k, v) cache.
+
+    With a cache, queries see its first S = mask.shape[-1] entries (the caller bounds S by the
+    longest live sequence, so short sequences in a long cache do not pay for its full length).
+    Without one, ``q_block`` > 0 runs causal attention in query blocks that only read the keys
+    up to the block's end: half the work, and blocks small enough to stay in cache.
+    """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
@@ -156,17 +162,29 @@ class Attention(nnx.Module):
       rows = jnp.arange(b)[:, None]
       ck = ck.at[rows, idx].set(k.astype(ck.dtype), mode="drop")
       cv = cv.at[rows, idx].set(v.astype(cv.dtype), mode="drop")
-      k_all, v_all, new_kv = ck.astype(x.dtype), cv.astype(x.dtype), (ck, cv)
+      s_len = mask.shape[-1]
+      k_all, v_all, new_kv = ck[:, :s_len].astype(x.dtype), cv[:, :s_len].astype(x.dtype), (ck, cv)
+      out = self._attend(q, k_all, v_all, mask)
+    elif q_block and t > q_block:
+      new_kv = None
+      out = jnp.concatenate(
+          [self._attend(q[:, i : i + q_block], k[:, : i + q_block], v[:, : i + q_block],
+                        mask[:, i : i + q_block, : i + q_block])
+           for i in range(0, t, q_block)], axis=1)
     else:
-      k_all, v_all, new_kv = k, v, None
-    g = self.n_heads // self.n_kv
-    qg = q.reshape(b, t, self.n_kv, g, self.head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, preferred_element_type=jnp.float32)
+      new_kv = None
+      out = self._attend(q, k, v, mask)
+    return self.o_proj(out), new_kv
+
+  def _attend(self, q, k, v, mask):
+    """Grouped-query softmax attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H*D]."""
+    b, t = q.shape[:2]
+    qg = q.reshape(b, t, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(self.head_dim)
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(b, t, self.n_heads * self.head_dim)
-    return self.o_proj(out), new_kv
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.n_heads * self.head_dim)
 
 
 class MLP(nnx.Module):
@@ -189,8 +207,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, dtype=dtype, **kw)
 
-  def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
-    h, new_kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, cache_index)
+  def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, q_block=0):
+    h, new_kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, cache_index,
+                               q_block)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_kv
@@ -207,10 +226,13 @@ class Transformer(nnx.Module):
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       remat: bool = False,
+      attn_q_block: int = 128,
   ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
+    # Query block of causal attention over whole sequences (training, scoring); 0 = one block.
+    self.attn_q_block = attn_q_block
     kw = dict(rngs=rngs, param_dtype=param_dtype)
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
     self.layers = nnx.List(
@@ -230,13 +252,16 @@ class Transformer(nnx.Module):
       positions: jax.Array | None = None,
       cache: KVCache | None = None,
       cache_index: jax.Array | None = None,
+      attend_len: int | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [B, T, E] and the updated cache (None without a cache).
 
     Without a cache: causal attention within the batch; ``attention_mask`` [B, T] marks real
     tokens (left or right padding) and positions come from it.
     With a cache: token t of row b is written at ``cache_index[b] + t`` and sees cache entries
-    ``<= cache_index[b] + t``; ``positions`` defaults to those indices.
+    ``<= cache_index[b] + t``; ``positions`` defaults to those indices. ``attend_len`` (static)
+    bounds the cache entries read: the caller guarantees every ``cache_index[b] + t`` is below it
+    (rows whose writes are dropped, at index ``max_len``, are exempt: their output is unused).
     """
     b, t = input_ids.shape
     inv_freq = rope_inv_freq(self.config)
@@ -253,15 +278,18 @@ class Transformer(nnx.Module):
       q_pos = cache_index[:, None] + jnp.arange(t)[None, :]
       if positions is None:
         positions = q_pos
-      mask = jnp.arange(cache.max_len)[None, None, :] <= q_pos[:, :, None]
+      s_len = cache.max_len if attend_len is None else min(int(attend_len), cache.max_len)
+      mask = jnp.arange(s_len)[None, None, :] <= q_pos[:, :, None]
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = (cache.k[i], cache.v[i]) if cache is not None else None
+      args = (x, positions, inv_freq, mask, kv, cache_index)
+      qb = self.attn_q_block
       if self.remat:
-        x, kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions, inv_freq, mask, kv, cache_index)
+        x, kv = nnx.remat(lambda lyr, *a: lyr(*a, q_block=qb))(layer, *args)
       else:
-        x, kv = layer(x, positions, inv_freq, mask, kv, cache_index)
+        x, kv = layer(*args, q_block=qb)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -273,10 +301,12 @@ class Transformer(nnx.Module):
     w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
     return jnp.dot(hidden, w.astype(self.dtype), preferred_element_type=jnp.float32)
 
-  def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None, cache_index=None):
+  def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None, cache_index=None,
+               attend_len=None):
     """Logits [B, T, V] (float32); with a cache, returns (logits, new_cache)."""
     h, new_cache = self.hidden_states(
-        input_ids, attention_mask, positions=positions, cache=cache, cache_index=cache_index
+        input_ids, attention_mask, positions=positions, cache=cache, cache_index=cache_index,
+        attend_len=attend_len,
     )
     logits = self.logits(h)
     return logits if cache is None else (logits, new_cache)

@@ -145,17 +145,20 @@ def from_pretrained(
     param_dtype=None,
     rules=shd.DEFAULT_RULES,
     remat: bool = False,
+    attn_q_block: int = 128,
 ) -> Transformer:
   """Load a local HF directory (config.json + safetensors) into a ``Transformer``.
 
   ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (default: ``dtype``).
   With ``mesh``, each parameter is created directly with its logical-axis sharding.
+  ``remat`` and ``attn_q_block`` are passed to ``Transformer``.
   """
   path = os.fspath(path)
   cfg = ModelConfig.from_pretrained(path)
   param_dtype = param_dtype or dtype
   abstract = nnx.eval_shape(
-      lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat)
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat,
+                          attn_q_block=attn_q_block)
   )
   graphdef, abs_state = nnx.split(abstract)
   tensors = _open_checkpoint(path)

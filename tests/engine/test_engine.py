@@ -13,7 +13,8 @@ from agentgym_jax.sharding import MeshConfig, make_mesh
 from hf_fixtures import make_hf_model
 
 
-SHARED = EngineConfig(num_slots=4, max_len=96, prefill_buckets=(16, 32))
+# Attention reads 24, 48, 64 or all 96 cache entries: the bounded paths meet the HF references.
+SHARED = EngineConfig(num_slots=4, max_len=96, prefill_buckets=(16, 32), attend_buckets=(24, 48, 64))
 
 
 def _setup(kind, tmp_path_factory):

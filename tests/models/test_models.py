@@ -51,6 +51,19 @@ def test_logits_match_transformers_left_padded(hf_dir):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
 
 
+def test_blocked_causal_attention_matches_transformers(hf_dir):
+  """Query-blocked attention (blocks of 8, a short last block) equals HF's full attention."""
+  kind, d, hf = hf_dir
+  model = from_pretrained(d, attn_q_block=8)
+  ids, mask = left_padded_batch(model.config.vocab_size, [5, 21, 13])
+  ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  ref = hf_logits(hf, ids, mask)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
+  one_block = np.asarray(from_pretrained(d, attn_q_block=0)(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  np.testing.assert_allclose(ours[valid], one_block[valid], atol=1e-5)
+
+
 def test_padding_does_not_change_logits(hf_dir):
   _, d, _ = hf_dir
   model = from_pretrained(d)
