@@ -186,7 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "pretrain-tiny" in argv:
+    # argparse's REMAINDER drops a first argument that looks like an option ("--steps"):
+    # hand everything after the subcommand to the pretraining script's own parser.
+    i = argv.index("pretrain-tiny")
+    args = build_parser().parse_args(argv[: i + 1])
+    args.rest = argv[i + 1:]
+  else:
+    args = build_parser().parse_args(argv)
   _setup_logging(args.verbose)
   if args.distributed:
     _init_distributed()

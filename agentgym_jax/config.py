@@ -81,8 +81,14 @@ class RolloutConfig:
   """0 disables top-k."""
   max_tokens_per_turn: int = 200
   """A model turn stops at end-of-turn or after this many tokens."""
+  unclosed_turn_score: float | None = None
+  """None: a turn cut at max_tokens_per_turn goes to the env as is (AgentGym). A number: such a
+  turn ends the episode with this score, so RL stops rewarding replies that never close
+  (training rollouts only; evaluation always sends the turn to the env)."""
   num_slots: int = 0
-  """Concurrent episodes in the engine (KV-cache slots); 0 = every episode of a step at once."""
+  """Concurrent episodes in the engine (KV-cache slots); 0 = every episode of a training step at
+  once. Evaluation runs its episodes through the same slots, refilling them as episodes end (a
+  decode step costs the same for every slot, live or not, so spare slots would slow training)."""
   val_temperature: float = 0.0
   """Sampling temperature for evaluation (0 = greedy)."""
   val_n: int = 1

@@ -44,7 +44,8 @@ class Episode:
   success: bool = False
   env_done: bool = False
   truncated: str | None = None
-  """None, "horizon" (max turns reached), "length" (token budget), "prompt" (prompt too long)."""
+  """None, "horizon" (max turns reached), "length" (token budget), "prompt" (prompt too long),
+  "turn" (a turn hit max_tokens_per_turn; see ``RolloutSettings.unclosed_turn_score``)."""
   error: str | None = None
   slot: int = -1
   finished: bool = False
@@ -67,6 +68,10 @@ class RolloutSettings:
   top_k: int = 0
   seed: int = 0
   """Episode ``i`` samples with seed ``hash(seed, i)``: independent of timing and slot."""
+  unclosed_turn_score: float | None = None
+  """None: a turn cut at ``max_tokens_per_turn`` goes to the env as is (AgentGym). A number:
+  it ends the episode with this score (``truncated="turn"``), so RL stops rewarding replies
+  that ramble past their action and never close."""
 
 
 def episode_seed(seed: int, uid: int) -> int:
@@ -209,6 +214,10 @@ class Rollout:
     if turn.finish_reason == "max_len":
       e.truncated = "length"
       return False
+    if turn.finish_reason == "length" and s.unclosed_turn_score is not None:
+      e.truncated = "turn"
+      e.score = float(s.unclosed_turn_score)
+      return False
     self.pool.submit_step(e.uid, text)
     return True
 
@@ -281,6 +290,7 @@ def rollout_metrics(episodes: Sequence[Episode], prefix: str = "train") -> dict[
       f"{prefix}/response_tokens_mean": float(np.mean(resp)) if resp else 0.0,
       f"{prefix}/seq_len_mean": float(np.mean([len(e.tokens) for e in episodes])) if episodes else 0.0,
       f"{prefix}/truncated_frac": sum(e.truncated in ("length", "prompt") for e in episodes) / n,
+      f"{prefix}/unclosed_end_frac": sum(e.truncated == "turn" for e in episodes) / n,
       f"{prefix}/horizon_cut_frac": sum(e.truncated == "horizon" for e in episodes) / n,
       f"{prefix}/env_error_frac": sum(e.error is not None and e.truncated is None for e in episodes) / n,
   }

@@ -2,7 +2,7 @@
 transcripts of a *random* policy, so RL starts from a model that knows the format and the env's
 language but not the solution.
 
-    path = pretrain_tiny("/tmp/tiny", levels=DEFAULT_LEVELS, episodes=800, steps=150, seed=0)
+    path = pretrain_tiny("/tmp/tiny", levels=DEFAULT_LEVELS, episodes=2000, steps=600, seed=0)
     model = agentgym_jax.models.from_pretrained(path)            # like any HF checkpoint
     tok = transformers.AutoTokenizer.from_pretrained(path)       # offline, local files only
 
@@ -313,8 +313,8 @@ def pretrain_tiny(
     out_dir: str | os.PathLike,
     *,
     levels: Sequence[str] = DEFAULT_LEVELS,
-    episodes: int = 800,
-    steps: int = 150,
+    episodes: int = 2000,
+    steps: int = 600,
     seed: int = 0,
     max_turns: int = 6,
     vocab_size: int = 1024,
@@ -322,7 +322,7 @@ def pretrain_tiny(
     layers: int = 3,
     heads: int = 4,
     kv_heads: int = 2,
-    batch: int = 6,
+    batch: int = 8,
     seq_len: int = 1024,
     lr: float = 3e-3,
     obs_weight: float = 1.0,
@@ -556,14 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="agentgym-jax pretrain-tiny", description=__doc__.split("\n\n")[0])
   p.add_argument("--output-dir", required=True, help="directory to write the HF model + tokenizer")
   p.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), help="BabyAI levels")
-  p.add_argument("--episodes", type=int, default=800, help="random-policy episodes to collect")
-  p.add_argument("--steps", type=int, default=150, help="AdamW steps")
+  p.add_argument("--episodes", type=int, default=2000, help="random-policy episodes to collect")
+  p.add_argument("--steps", type=int, default=600, help="AdamW steps")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max-turns", type=int, default=6, help="turn limit of collected episodes")
   p.add_argument("--vocab-size", type=int, default=1024)
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--layers", type=int, default=3)
-  p.add_argument("--batch", type=int, default=6)
+  p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=1024)
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--eval", action="store_true", help="also sample the model on the test split")

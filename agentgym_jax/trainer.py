@@ -100,7 +100,7 @@ class Trainer:
       self.critic_update = U.make_critic_update(cfg.critic, self.mesh, self.critic)
 
     seqs = cfg.data.train_batch_size * cfg.rollout.n
-    slots = cfg.rollout.num_slots or max(seqs, cfg.data.val_batch_size * cfg.rollout.val_n)
+    slots = cfg.rollout.num_slots or seqs
     dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     slots = -(-slots // dp) * dp
     self.max_len = cfg.data.max_prompt_length + cfg.data.max_response_length
@@ -163,6 +163,7 @@ class Trainer:
         top_p=1.0 if eval_mode else r.top_p,
         top_k=0 if eval_mode else r.top_k,
         seed=(self.cfg.trainer.seed * 100_003 + step * 2 + int(eval_mode)) & 0x7FFFFFFF,
+        unclosed_turn_score=None if eval_mode else r.unclosed_turn_score,
     )
 
   def _eval_horizon(self) -> int:

@@ -31,8 +31,8 @@ ALL_LEVELS = (
     "FindObjS7", "KeyCorridorS6R3", "OneRoomS20", "MoveTwoAcrossS8N9", "SynthS5R2", "SynthLoc",
     "SynthSeq", "MiniBossLevel", "BossLevel", "BossLevelNoUnlock",
 )
-TEST_SEEDS = 10  # seeds [0, 10) of every level form the test split
-TRAIN_SEEDS = 100  # seeds [10, 110) form the train split
+TEST_SEEDS = 10  # default: seeds [0, 10) of every level form the test split
+TRAIN_SEEDS = 100  # default: the next 100 seeds, [10, 110), form the train split
 
 INSTRUCTION = format_instruction(
     "You are an exploration master that wants to finish every goal you are given. Every round I "
@@ -74,7 +74,8 @@ class BabyAIEnv(Env):
     name = "babyai"
     max_turns = 20
 
-    def __init__(self, levels: Sequence[str] | None = None, reward: str = "success") -> None:
+    def __init__(self, levels: Sequence[str] | None = None, reward: str = "success",
+                 test_seeds: int = TEST_SEEDS, train_seeds: int = TRAIN_SEEDS) -> None:
         super().__init__()
         if reward not in ("success", "score"):
             raise ValueError(f"reward must be one of 'success', 'score'; got {reward!r}")
@@ -87,9 +88,15 @@ class BabyAIEnv(Env):
         self.errors: dict[str, str] = {}
 
     @classmethod
-    def task_ids(cls, split: str = "train", levels: Sequence[str] | None = None, **_: Any) -> list[int]:
+    def task_ids(cls, split: str = "train", levels: Sequence[str] | None = None,
+                 test_seeds: int = TEST_SEEDS, train_seeds: int = TRAIN_SEEDS, **_: Any) -> list[int]:
+        """Task ``i`` is seed ``i // n`` of level ``i % n``: the test split takes seeds
+        ``[0, test_seeds)``, the train split the next ``train_seeds``, so they never overlap."""
+        if test_seeds < 1 or train_seeds < 1:
+            raise ValueError(f"test_seeds and train_seeds must be >= 1, got {test_seeds}, {train_seeds}")
         n = len(levels) if levels else len(ALL_LEVELS)
-        lo, hi = (0, TEST_SEEDS) if check_split(split) == "test" else (TEST_SEEDS, TEST_SEEDS + TRAIN_SEEDS)
+        test = check_split(split) == "test"
+        lo, hi = (0, test_seeds) if test else (test_seeds, test_seeds + train_seeds)
         return list(range(lo * n, hi * n))
 
     def level_of(self, task_id: int) -> tuple[str, int]:

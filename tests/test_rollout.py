@@ -111,3 +111,27 @@ def test_length_limit_truncates_without_crashing(agent):
   eps2 = ro2.run([(0, 0)], RolloutSettings(max_turns=2, max_tokens_per_turn=8, max_prompt_length=10))
   assert eps2[0].truncated == "prompt" and eps2[0].loss_mask == []
   assert rollout_metrics(eps2)["train/truncated_frac"] == 1.0
+
+
+def test_unclosed_turn_score_ends_the_episode(agent):
+  """With unclosed_turn_score set, a turn cut at max_tokens_per_turn ends its episode with that
+  score on its last token; closed turns still go to the env."""
+  ro, chat = _rollout(agent)
+  tasks = [(t, t) for t in range(4)]
+  base = dict(max_turns=3, max_tokens_per_turn=6, max_prompt_length=1200, temperature=1.0, seed=5)
+  plain = ro.run(tasks, RolloutSettings(**base))
+  cut = ro.run(tasks, RolloutSettings(**base, unclosed_turn_score=-0.5))
+  eot = chat.end_of_turn_id
+  n_cut = 0
+  for p, c in zip(plain, cut):
+    # Same seeds: identical up to the first unclosed turn, which now ends the episode.
+    first_open = next((k for k, i in enumerate(p.turn_ends) if p.tokens[i] != eot), None)
+    if first_open is None:
+      assert c.tokens == p.tokens and c.truncated != "turn"
+      continue
+    n_cut += 1
+    assert c.truncated == "turn" and c.score == -0.5 and not c.success
+    assert c.turns == first_open + 1 and c.tokens == p.tokens[: p.turn_ends[first_open] + 1]
+    assert to_batch([c])["rewards"].sum() == -0.5
+  assert n_cut >= 1  # a 6-token budget cuts the untrained model's turns
+  assert rollout_metrics(cut)["train/unclosed_end_frac"] == n_cut / len(cut)

@@ -170,3 +170,16 @@ def test_pretrain_rejects_bad_arguments(tmp_path):
     tiny.pretrain_tiny(tmp_path, episodes=0, steps=1)
   with pytest.raises(ValueError, match="preamble"):
     tiny.pretrain_tiny(tmp_path, levels=["GoToRedBallNoDists"], episodes=2, steps=1, seq_len=64)
+
+
+def test_cli_passes_options_to_pretrain_tiny(capsys):
+  from agentgym_jax import cli
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(["pretrain-tiny", "--help"])
+  assert e.value.code == 0
+  assert "--output-dir" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:  # the script's own parser sees (and rejects) the options
+    cli.main(["pretrain-tiny", "--steps", "3"])
+  assert e.value.code == 2
+  assert "--output-dir" in capsys.readouterr().err

@@ -82,6 +82,14 @@ def test_babyai_task_id_scheme():
     assert easy.level_of(4) == ("BabyAI-GoToObj-v0", 1)
     assert BabyAIEnv.task_ids("test", levels=EASY) == list(range(30))
     assert BabyAIEnv.task_ids("train")[:2] == [400, 401] and len(BabyAIEnv.task_ids("train")) == 4000
+    # A larger held-out split moves the train seeds up: the splits never share a (level, seed).
+    kw = dict(levels=EASY, test_seeds=50, train_seeds=20)
+    test, train = envs.task_ids("babyai", "test", **kw), envs.task_ids("babyai", "train", **kw)
+    assert len(test) == 150 and len(train) == 60
+    assert {easy.level_of(i) for i in test}.isdisjoint(easy.level_of(i) for i in train)
+    assert envs.make("babyai", **kw).reset(test[-1]) == easy.reset(test[-1])
+    with pytest.raises(ValueError, match="test_seeds"):
+        BabyAIEnv.task_ids("test", test_seeds=0)
 
 
 def test_babyai_text_and_actions():
