@@ -93,6 +93,9 @@ class RolloutConfig:
   """Sampling temperature for evaluation (0 = greedy)."""
   val_n: int = 1
   """Episodes per held-out task during evaluation."""
+  val_max_turns: int = 0
+  """Turn limit of evaluation episodes; 0 = the largest training horizon (max of
+  algorithm.rounds_ctrl.rounds). Set it to compare runs trained with different horizons."""
   seed: int = 0
   """Sampling seed (combined with the step)."""
 
@@ -189,6 +192,12 @@ class TrainConfig:
     rc = self.algorithm.rounds_ctrl
     if not rc.rounds or any(r < 1 for r in rc.rounds):
       raise ConfigError("algorithm.rounds_ctrl.rounds must be a non-empty list of ints >= 1")
+    r = self.rollout
+    if r.val_max_turns < 0 or r.num_slots < 0 or r.val_n < 1:
+      raise ConfigError(f"rollout: need val_max_turns >= 0, num_slots >= 0, val_n >= 1; got "
+                        f"{r.val_max_turns}, {r.num_slots}, {r.val_n}")
+    if self.model.attn_q_block < 0:
+      raise ConfigError(f"model.attn_q_block must be >= 0 (0 = one block), got {self.model.attn_q_block}")
     if (self.actor.use_kl_loss or self.algorithm.use_kl_in_reward) and not self.ref.enable:
       raise ConfigError("actor.use_kl_loss / algorithm.use_kl_in_reward need ref.enable=true")
 

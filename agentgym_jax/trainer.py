@@ -167,8 +167,7 @@ class Trainer:
     )
 
   def _eval_horizon(self) -> int:
-    rc = self.cfg.algorithm.rounds_ctrl
-    return max(rc.rounds)
+    return self.cfg.rollout.val_max_turns or max(self.cfg.algorithm.rounds_ctrl.rounds)
 
   def train_step(self, step: int) -> dict[str, float]:
     cfg, U = self.cfg, self.U

@@ -17,9 +17,12 @@ import sys
 
 VARIANTS = {
     "fixed short": ["algorithm.rounds_ctrl.type=fixed", "algorithm.rounds_ctrl.rounds=[2]"],
-    "fixed long": ["algorithm.rounds_ctrl.type=fixed", "algorithm.rounds_ctrl.rounds=[8]"],
-    "ScalingInter": [],  # demo.yaml's own staged schedule
+    # The paper's baseline: the final ScalingInter horizon from the first step.
+    "fixed long": ["algorithm.rounds_ctrl.type=fixed", "algorithm.rounds_ctrl.rounds=[4]"],
+    "ScalingInter": [],  # demo.yaml's own staged schedule, [2, 3, 4]
 }
+# Every variant is evaluated with the same turn limit, whatever it trained with.
+EVAL = ["rollout.val_max_turns=4"]
 
 
 def main(argv=None) -> int:
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
   dirs = {}
   for name, extra in VARIANTS.items():
     out = os.path.join(args.out, name.replace(" ", "_").lower())
-    ov = [*extra, f"trainer.output_dir={out}", *args.overrides]
+    ov = [*extra, *EVAL, f"trainer.output_dir={out}", *args.overrides]
     if args.steps:
       ov.append(f"trainer.total_training_steps={args.steps}")
     print(f"== {name}: {' '.join(extra) or '(demo schedule)'}", flush=True)

@@ -50,6 +50,9 @@ def test_overrides_and_verl_aliases(tmp_path):
     (["algorithm.rounds_ctrl.type=linear"], "rounds_ctrl.type"),
     (["trainer.logger=[stdout]"], "trainer.logger"),
     (["noequals"], "dotted.key=value"),
+    (["rollout.val_max_turns=-1"], "val_max_turns"),
+    (["model.attn_q_block=-8"], "attn_q_block"),
+    (["rollout.unclosed_turn_score=often"], "unclosed_turn_score"),
 ])
 def test_bad_values_name_the_key(override, match):
   with pytest.raises(ConfigError, match=match):
