@@ -21,7 +21,7 @@ def test_registry_lists_and_errors():
     assert {"babyai", "textcraft", "sciworld", "searchqa", "webshop", "http"} <= set(envs.list_envs())
     with pytest.raises(ValueError, match="unknown env 'babycat'; valid envs: babyai, "):
         envs.make("babycat")
-    with pytest.raises(TypeError, match=r"valid arguments: \['levels', 'reward'\]"):
+    with pytest.raises(TypeError, match=r"valid arguments: \['levels', 'reward', 'test_seeds', 'train_seeds'\]"):
         envs.make("babyai", level="x")
     with pytest.raises(ValueError, match="unknown BabyAI level 'Nope'; valid levels: .*GoToRedBall"):
         envs.make("babyai", levels=["Nope"])
