@@ -76,6 +76,8 @@ class BabyAIEnv(Env):
 
     def __init__(self, levels: Sequence[str] | None = None, reward: str = "success",
                  test_seeds: int = TEST_SEEDS, train_seeds: int = TRAIN_SEEDS) -> None:
+        # test_seeds / train_seeds only shape the splits (see ``task_ids``); accepting them here
+        # lets one ``env.kwargs`` mapping serve both ``envs.make`` and ``envs.task_ids``.
         super().__init__()
         if reward not in ("success", "score"):
             raise ValueError(f"reward must be one of 'success', 'score'; got {reward!r}")

@@ -11,6 +11,7 @@ Compiles: one per prefill bucket used, one for the decode loop, one for ``next_l
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 from typing import Any, Iterable, Sequence
@@ -25,6 +26,11 @@ from agentgym_jax import sharding as shd
 from agentgym_jax.engine import core
 from agentgym_jax.engine.sampling import SamplingParams
 from agentgym_jax.models.decoder import KVCache, Transformer
+
+
+def _ceil_bucket(buckets: Sequence[int], n: int) -> int:
+  """The smallest of the sorted ``buckets`` that is >= n (the last one if none is)."""
+  return buckets[min(bisect.bisect_left(buckets, n), len(buckets) - 1)]
 
 
 class SlotFullError(ValueError):
@@ -288,17 +294,12 @@ class Engine:
       sl.pending = p
 
   def _bucket(self, n: int) -> int:
-    for b in self.config.buckets():
-      if n <= b:
-        return b
-    raise AssertionError(n)
+    """The prefill bucket a write of ``n`` tokens is padded to (``_write`` splits longer ones)."""
+    return _ceil_bucket(self.config.buckets(), n)
 
   def _attend_len(self, need: int) -> int:
     """The smallest attend bucket covering cache positions ``0 .. need - 1``."""
-    for b in self.config.attend_lengths():
-      if need <= b:
-        return b
-    return self.config.max_len
+    return _ceil_bucket(self.config.attend_lengths(), need)
 
   def _rows(self, t: int) -> int:
     rows = max(1, self.config.prefill_tokens_per_call // t)

@@ -282,10 +282,10 @@ class Transformer(nnx.Module):
       mask = jnp.arange(s_len)[None, None, :] <= q_pos[:, :, None]
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     new_k, new_v = [], []
+    qb = self.attn_q_block
     for i, layer in enumerate(self.layers):
       kv = (cache.k[i], cache.v[i]) if cache is not None else None
       args = (x, positions, inv_freq, mask, kv, cache_index)
-      qb = self.attn_q_block
       if self.remat:
         x, kv = nnx.remat(lambda lyr, *a: lyr(*a, q_block=qb))(layer, *args)
       else:
