@@ -11,203 +11,225 @@ log = logging.getLogger("agentgym_jax")
 
 
 def _setup_logging(verbose: bool) -> None:
-  logging.basicConfig(
-      level=logging.DEBUG if verbose else logging.INFO,
-      format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-      datefmt="%H:%M:%S",
-  )
-  # Third-party chatter (orbax, absl) drowns the progress bar at INFO.
-  for name in ("absl", "orbax", "jax._src", "httpx", "grain"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Third-party chatter (orbax, absl) drowns the progress bar at INFO.
+    for name in ("absl", "orbax", "jax._src", "httpx", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _init_distributed() -> None:
-  import jax
+    import jax
 
-  env = os.environ
-  if "JAX_COORDINATOR_ADDRESS" in env:
-    if env.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        if env.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            env["JAX_COORDINATOR_ADDRESS"],
+            int(env["JAX_NUM_PROCESSES"]),
+            int(env["JAX_PROCESS_ID"]),
+        )
+    else:  # TPU pods and SLURM are detected by jax itself
+        jax.distributed.initialize()
+    log.info(
+        "process %d of %d, %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
     )
-  else:  # TPU pods and SLURM are detected by jax itself
-    jax.distributed.initialize()
-  log.info("process %d of %d, %d global devices", jax.process_index(), jax.process_count(), jax.device_count())
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
-  p.add_argument("--output-dir", help="run directory (trainer.output_dir)")
-  p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.n=4")
+    p.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
+    p.add_argument("--output-dir", help="run directory (trainer.output_dir)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.n=4")
 
 
 def _load(args, extra=()):
-  from agentgym_jax.config import load_config
+    from agentgym_jax.config import load_config
 
-  overrides = list(args.overrides) + list(extra)
-  if getattr(args, "output_dir", None):
-    overrides.append(f"trainer.output_dir={args.output_dir}")
-  return load_config(args.config, overrides)
+    overrides = list(args.overrides) + list(extra)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"trainer.output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
 
 
 def cmd_train(args) -> int:
-  from agentgym_jax.trainer import train
+    from agentgym_jax.trainer import train
 
-  extra = [f"trainer.total_training_steps={args.steps}"] if args.steps is not None else []
-  cfg = _load(args, extra)
-  summary = train(cfg)
-  return 0 if summary.get("ok", True) else 1
+    extra = [f"trainer.total_training_steps={args.steps}"] if args.steps is not None else []
+    cfg = _load(args, extra)
+    summary = train(cfg)
+    return 0 if summary.get("ok", True) else 1
 
 
 def cmd_eval(args) -> int:
-  from agentgym_jax.trainer import evaluate_cli
+    from agentgym_jax.trainer import evaluate_cli
 
-  cfg = _load(args)
-  evaluate_cli(cfg, checkpoint_dir=args.checkpoint, num_tasks=args.num_tasks, split=args.split)
-  return 0
+    cfg = _load(args)
+    evaluate_cli(cfg, checkpoint_dir=args.checkpoint, num_tasks=args.num_tasks, split=args.split)
+    return 0
 
 
 def cmd_export(args) -> int:
-  from agentgym_jax.trainer import export_checkpoint
+    from agentgym_jax.trainer import export_checkpoint
 
-  cfg = _load(args)
-  path = export_checkpoint(cfg, args.out, step=args.step, dtype=args.dtype)
-  print(path)
-  return 0
+    cfg = _load(args)
+    path = export_checkpoint(cfg, args.out, step=args.step, dtype=args.dtype)
+    print(path)
+    return 0
 
 
 def cmd_serve_env(args) -> int:
-  from envs import server
+    from envs import server
 
-  return server.main(args.rest) or 0
+    return server.main(args.rest) or 0
 
 
 def cmd_plot(args) -> int:
-  from agentgym_jax.metrics import plot_run
+    from agentgym_jax.metrics import plot_run
 
-  print(plot_run(args.run_dir, args.out))
-  return 0
+    print(plot_run(args.run_dir, args.out))
+    return 0
 
 
 def cmd_pretrain_tiny(args) -> int:
-  from agentgym_jax import tiny
+    from agentgym_jax import tiny
 
-  return tiny.main(args.rest) or 0
+    return tiny.main(args.rest) or 0
 
 
 def cmd_envs(args) -> int:
-  import envs
+    import envs
 
-  for name in envs.list_envs():
-    print(name)
-  return 0
+    for name in envs.list_envs():
+        print(name)
+    return 0
 
 
 def cmd_generate(args) -> int:
-  """Smoke run: load a model + tokenizer, generate a reply to a prompt."""
-  import transformers
+    """Smoke run: load a model + tokenizer, generate a reply to a prompt."""
+    import transformers
 
-  from agentgym_jax.engine import generate
-  from agentgym_jax.models import from_pretrained
-  from agentgym_jax.trainer import resolve_model_path
+    from agentgym_jax.engine import generate
+    from agentgym_jax.models import from_pretrained
+    from agentgym_jax.trainer import resolve_model_path
 
-  path = resolve_model_path(args.model)
-  tok = transformers.AutoTokenizer.from_pretrained(path)
-  model = from_pretrained(path)
-  ids = tok.apply_chat_template(
-      [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
-  )
-  if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-    ids = ids["input_ids"]
-  stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>") if t in tok.get_vocab()]
-  out = generate(model, [list(ids)], args.max_new_tokens, temperature=args.temperature,
-                 stop_token_ids=stop or model.config.eos_token_ids, seed=args.seed)[0]
-  print(tok.decode(out, skip_special_tokens=True))
-  return 0
+    path = resolve_model_path(args.model)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = from_pretrained(path)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    stop = [
+        tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>") if t in tok.get_vocab()
+    ]
+    out = generate(
+        model,
+        [list(ids)],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        stop_token_ids=stop or model.config.eos_token_ids,
+        seed=args.seed,
+    )[0]
+    print(tok.decode(out, skip_special_tokens=True))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(
-      prog="agentgym-jax",
-      description="Multi-turn agentic RL for LLMs on JAX (AgentGym-RL, ScalingInter-RL).",
-  )
-  ap.add_argument("-v", "--verbose", action="store_true")
-  ap.add_argument(
-      "--distributed", action="store_true",
-      help="call jax.distributed.initialize() first (multi-host TPU pods, SLURM/GPU clusters; "
-      "coordinator from the environment or JAX_COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID)",
-  )
-  sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(
+        prog="agentgym-jax",
+        description="Multi-turn agentic RL for LLMs on JAX (AgentGym-RL, ScalingInter-RL).",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host TPU pods, SLURM/GPU clusters; "
+        "coordinator from the environment or JAX_COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID)",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
 
-  p = sub.add_parser("train", help="RL training (resumes automatically from the output dir)")
-  _add_config_args(p)
-  p.add_argument("--steps", type=int, help="total training steps (trainer.total_training_steps)")
-  p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("train", help="RL training (resumes automatically from the output dir)")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, help="total training steps (trainer.total_training_steps)")
+    p.set_defaults(fn=cmd_train)
 
-  p = sub.add_parser("eval", help="success rate / mean turns on held-out tasks, with transcripts")
-  _add_config_args(p)
-  p.add_argument("--checkpoint", help="run dir whose latest checkpoint to evaluate (default: model.path)")
-  p.add_argument("--num-tasks", type=int, help="held-out tasks (default data.val_batch_size)")
-  p.add_argument("--split", default=None, help="task split (default env.test_split)")
-  p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("eval", help="success rate / mean turns on held-out tasks, with transcripts")
+    _add_config_args(p)
+    p.add_argument(
+        "--checkpoint", help="run dir whose latest checkpoint to evaluate (default: model.path)"
+    )
+    p.add_argument("--num-tasks", type=int, help="held-out tasks (default data.val_batch_size)")
+    p.add_argument("--split", default=None, help="task split (default env.test_split)")
+    p.set_defaults(fn=cmd_eval)
 
-  p = sub.add_parser("export", help="write the trained actor as a HF safetensors directory")
-  _add_config_args(p)
-  p.add_argument("--out", required=True, help="destination directory")
-  p.add_argument("--step", type=int, help="checkpoint step (default latest)")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-  p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("export", help="write the trained actor as a HF safetensors directory")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="destination directory")
+    p.add_argument("--step", type=int, help="checkpoint step (default latest)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.set_defaults(fn=cmd_export)
 
-  p = sub.add_parser("serve-env", help="serve an env over the AgentGym HTTP protocol", add_help=False)
-  p.add_argument("rest", nargs=argparse.REMAINDER)
-  p.set_defaults(fn=cmd_serve_env)
+    p = sub.add_parser(
+        "serve-env", help="serve an env over the AgentGym HTTP protocol", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_serve_env)
 
-  p = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
-  p.add_argument("run_dir")
-  p.add_argument("--out")
-  p.set_defaults(fn=cmd_plot)
+    p = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_plot)
 
-  p = sub.add_parser("pretrain-tiny", help="rebuild the embedded tiny tokenizer + base model", add_help=False)
-  p.add_argument("rest", nargs=argparse.REMAINDER)
-  p.set_defaults(fn=cmd_pretrain_tiny)
+    p = sub.add_parser(
+        "pretrain-tiny", help="rebuild the embedded tiny tokenizer + base model", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_pretrain_tiny)
 
-  p = sub.add_parser("envs", help="list registered environments")
-  p.set_defaults(fn=cmd_envs)
+    p = sub.add_parser("envs", help="list registered environments")
+    p.set_defaults(fn=cmd_envs)
 
-  p = sub.add_parser("generate", help="smoke run: load a model and generate")
-  p.add_argument("--model", default="builtin:tiny-babyai")
-  p.add_argument("--prompt", default="Hello")
-  p.add_argument("--max-new-tokens", type=int, default=32)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.set_defaults(fn=cmd_generate)
-  return ap
+    p = sub.add_parser("generate", help="smoke run: load a model and generate")
+    p.add_argument("--model", default="builtin:tiny-babyai")
+    p.add_argument("--prompt", default="Hello")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+    return ap
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if "pretrain-tiny" in argv:
-    # argparse's REMAINDER drops a first argument that looks like an option ("--steps"):
-    # hand everything after the subcommand to the pretraining script's own parser.
-    i = argv.index("pretrain-tiny")
-    args = build_parser().parse_args(argv[: i + 1])
-    args.rest = argv[i + 1:]
-  else:
-    args = build_parser().parse_args(argv)
-  _setup_logging(args.verbose)
-  if args.distributed:
-    _init_distributed()
-  from agentgym_jax.config_tree import ConfigError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "pretrain-tiny" in argv:
+        # argparse's REMAINDER drops a first argument that looks like an option ("--steps"):
+        # hand everything after the subcommand to the pretraining script's own parser.
+        i = argv.index("pretrain-tiny")
+        args = build_parser().parse_args(argv[: i + 1])
+        args.rest = argv[i + 1 :]
+    else:
+        args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.distributed:
+        _init_distributed()
+    from agentgym_jax.config_tree import ConfigError
 
-  try:
-    return args.fn(args)
-  except ConfigError as e:
-    print(f"agentgym-jax: config error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    return 130
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"agentgym-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

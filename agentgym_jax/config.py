@@ -9,7 +9,8 @@ alias: ``actor_rollout_ref.actor.X`` -> ``actor.X``, ``actor_rollout_ref.rollout
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from agentgym_jax import config_tree as ct
 from agentgym_jax.config_tree import ConfigError
@@ -21,189 +22,199 @@ field = dataclasses.field
 
 @dataclasses.dataclass
 class ModelSection:
-  path: str = "builtin:tiny-babyai"
-  """Local HF model directory (config.json + safetensors), or ``builtin:tiny-babyai`` for the
+    path: str = "builtin:tiny-babyai"
+    """Local HF model directory (config.json + safetensors), or ``builtin:tiny-babyai`` for the
   embedded demo model. Never a hub id: nothing is downloaded at run time."""
-  tokenizer_path: str | None = None
-  """Tokenizer directory; default: the model directory."""
-  dtype: Literal["float32", "bfloat16"] = "float32"
-  """Compute dtype (bfloat16 on TPU/GPU, float32 on CPU)."""
-  param_dtype: Literal["float32", "bfloat16"] = "float32"
-  """Storage dtype of the trained parameters (master weights)."""
-  remat: bool = False
-  """Recompute each layer in the backward pass (activation memory for compute)."""
-  attn_q_block: int = 128
-  """Query block of causal attention over whole sequences (update, log-probs): blocks only read
+    tokenizer_path: str | None = None
+    """Tokenizer directory; default: the model directory."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype (bfloat16 on TPU/GPU, float32 on CPU)."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the trained parameters (master weights)."""
+    remat: bool = False
+    """Recompute each layer in the backward pass (activation memory for compute)."""
+    attn_q_block: int = 128
+    """Query block of causal attention over whole sequences (update, log-probs): blocks only read
   keys up to their end, halving the work; 0 = one block."""
 
 
 @dataclasses.dataclass
 class DataConfig:
-  train_batch_size: int = 16
-  """Tasks per training step; each is rolled out ``rollout.n`` times (GRPO groups)."""
-  val_batch_size: int = 64
-  """Held-out tasks per evaluation (test split)."""
-  max_prompt_length: int = 1024
-  """Longest initial prompt (instruction + first observation) in tokens; longer ones are cut."""
-  max_response_length: int = 4096
-  """Token budget after the prompt (model turns + env replies); an episode reaching it is
+    train_batch_size: int = 16
+    """Tasks per training step; each is rolled out ``rollout.n`` times (GRPO groups)."""
+    val_batch_size: int = 64
+    """Held-out tasks per evaluation (test split)."""
+    max_prompt_length: int = 1024
+    """Longest initial prompt (instruction + first observation) in tokens; longer ones are cut."""
+    max_response_length: int = 4096
+    """Token budget after the prompt (model turns + env replies); an episode reaching it is
   truncated and counted in ``train/truncated_frac``."""
-  seed: int = 0
-  """Seed of the task order (reshuffled every epoch; the position is checkpointed)."""
+    seed: int = 0
+    """Seed of the task order (reshuffled every epoch; the position is checkpointed)."""
 
-  def __post_init__(self):
-    for k in ("train_batch_size", "val_batch_size", "max_prompt_length", "max_response_length"):
-      if getattr(self, k) <= 0:
-        raise ConfigError(f"data.{k} must be > 0, got {getattr(self, k)}")
+    def __post_init__(self):
+        for k in ("train_batch_size", "val_batch_size", "max_prompt_length", "max_response_length"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"data.{k} must be > 0, got {getattr(self, k)}")
 
 
 @dataclasses.dataclass
 class EnvSection:
-  name: str = "babyai"
-  """Registered env name (``agentgym-jax envs`` lists them)."""
-  kwargs: dict = field(default_factory=dict)
-  """Constructor arguments of the env (e.g. ``levels`` for BabyAI)."""
-  num_workers: int = 2
-  """Env worker processes; 0 runs envs in the trainer process (notebooks, debugging)."""
-  step_timeout_s: float = 60.0
-  """A step slower than this kills and restarts the worker; the episode ends with an error."""
-  train_split: str = "train"
-  test_split: str = "test"
+    name: str = "babyai"
+    """Registered env name (``agentgym-jax envs`` lists them)."""
+    kwargs: dict = field(default_factory=dict)
+    """Constructor arguments of the env (e.g. ``levels`` for BabyAI)."""
+    num_workers: int = 2
+    """Env worker processes; 0 runs envs in the trainer process (notebooks, debugging)."""
+    step_timeout_s: float = 60.0
+    """A step slower than this kills and restarts the worker; the episode ends with an error."""
+    train_split: str = "train"
+    test_split: str = "test"
 
 
 @dataclasses.dataclass
 class RolloutConfig:
-  n: int = 8
-  """Episodes per task (group size for GRPO / RLOO)."""
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  """0 disables top-k."""
-  max_tokens_per_turn: int = 200
-  """A model turn stops at end-of-turn or after this many tokens."""
-  unclosed_turn_score: float | None = None
-  """None: a turn cut at max_tokens_per_turn goes to the env as is (AgentGym). A number: such a
+    n: int = 8
+    """Episodes per task (group size for GRPO / RLOO)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    max_tokens_per_turn: int = 200
+    """A model turn stops at end-of-turn or after this many tokens."""
+    unclosed_turn_score: float | None = None
+    """None: a turn cut at max_tokens_per_turn goes to the env as is (AgentGym). A number: such a
   turn ends the episode with this score, so RL stops rewarding replies that never close
   (training rollouts only; evaluation always sends the turn to the env)."""
-  num_slots: int = 0
-  """Concurrent episodes in the engine (KV-cache slots); 0 = every episode of a training step at
+    num_slots: int = 0
+    """Concurrent episodes in the engine (KV-cache slots); 0 = every episode of a training step at
   once. Evaluation runs its episodes through the same slots, refilling them as episodes end (a
   decode step costs the same for every slot, live or not, so spare slots would slow training)."""
-  val_temperature: float = 0.0
-  """Sampling temperature for evaluation (0 = greedy)."""
-  val_n: int = 1
-  """Episodes per held-out task during evaluation."""
-  val_max_turns: int = 0
-  """Turn limit of evaluation episodes; 0 = the largest training horizon (max of
+    val_temperature: float = 0.0
+    """Sampling temperature for evaluation (0 = greedy)."""
+    val_n: int = 1
+    """Episodes per held-out task during evaluation."""
+    val_max_turns: int = 0
+    """Turn limit of evaluation episodes; 0 = the largest training horizon (max of
   algorithm.rounds_ctrl.rounds). Set it to compare runs trained with different horizons."""
-  seed: int = 0
-  """Sampling seed (combined with the step)."""
+    seed: int = 0
+    """Sampling seed (combined with the step)."""
 
-  def __post_init__(self):
-    if self.n < 1:
-      raise ConfigError(f"rollout.n must be >= 1, got {self.n}")
-    if self.temperature < 0 or self.val_temperature < 0:
-      raise ConfigError("rollout.temperature / val_temperature must be >= 0")
-    if not 0 < self.top_p <= 1:
-      raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-    if self.max_tokens_per_turn < 1:
-      raise ConfigError("rollout.max_tokens_per_turn must be >= 1")
+    def __post_init__(self):
+        if self.n < 1:
+            raise ConfigError(f"rollout.n must be >= 1, got {self.n}")
+        if self.temperature < 0 or self.val_temperature < 0:
+            raise ConfigError("rollout.temperature / val_temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens_per_turn < 1:
+            raise ConfigError("rollout.max_tokens_per_turn must be >= 1")
 
 
 @dataclasses.dataclass
 class RoundsCtrl:
-  type: Literal["fixed", "scaling_inter_stepwise"] = "fixed"
-  """fixed: ``rounds[0]`` turns always. scaling_inter_stepwise (ScalingInter-RL): steps
+    type: Literal["fixed", "scaling_inter_stepwise"] = "fixed"
+    """fixed: ``rounds[0]`` turns always. scaling_inter_stepwise (ScalingInter-RL): steps
   1..N use rounds[0], N+1..2N rounds[1], ..., the last value holds."""
-  rounds: list[int] = field(default_factory=lambda: [20])
-  steps_scaling_inter: int = 100
-  """N above: training steps per horizon stage."""
+    rounds: list[int] = field(default_factory=lambda: [20])
+    steps_scaling_inter: int = 100
+    """N above: training steps per horizon stage."""
 
 
 @dataclasses.dataclass
 class AlgorithmSection(AlgorithmConfig):
-  rounds_ctrl: RoundsCtrl = field(default_factory=RoundsCtrl)
-  """Interaction horizon (max turns per episode) as a function of the training step."""
+    rounds_ctrl: RoundsCtrl = field(default_factory=RoundsCtrl)
+    """Interaction horizon (max turns per episode) as a function of the training step."""
 
 
 @dataclasses.dataclass
 class RefSection:
-  enable: bool = True
-  """Keep a frozen reference policy (needed for the KL loss / KL in reward)."""
+    enable: bool = True
+    """Keep a frozen reference policy (needed for the KL loss / KL in reward)."""
 
 
 @dataclasses.dataclass
 class TrainerSection:
-  total_training_steps: int = 100
-  """Total training steps; rerunning with a larger value on the same output dir continues."""
-  output_dir: str = "runs/default"
-  save_freq: int = 10
-  """Checkpoint every k steps (and at the end, and on SIGTERM)."""
-  max_to_keep: int = 3
-  test_freq: int = 10
-  """Evaluate on held-out tasks every k steps (0 = never; also at the start and end)."""
-  val_before_train: bool = True
-  logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
-  """Any of console, jsonl, tensorboard."""
-  seed: int = 0
-  """Seed of the training RNG (sampling, mini-batch shuffles)."""
-  max_bad_steps: int = 3
-  """Stop after this many consecutive non-finite (NaN/inf) losses or grads; each is skipped."""
-  log_transcripts: int = 4
-  """Episodes per step written to ``rollouts/step_*.json``."""
-  async_checkpoint: bool = True
-  plot: bool = True
-  """Write ``curves.png`` at the end."""
+    total_training_steps: int = 100
+    """Total training steps; rerunning with a larger value on the same output dir continues."""
+    output_dir: str = "runs/default"
+    save_freq: int = 10
+    """Checkpoint every k steps (and at the end, and on SIGTERM)."""
+    max_to_keep: int = 3
+    test_freq: int = 10
+    """Evaluate on held-out tasks every k steps (0 = never; also at the start and end)."""
+    val_before_train: bool = True
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    """Any of console, jsonl, tensorboard."""
+    seed: int = 0
+    """Seed of the training RNG (sampling, mini-batch shuffles)."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive non-finite (NaN/inf) losses or grads; each is skipped."""
+    log_transcripts: int = 4
+    """Episodes per step written to ``rollouts/step_*.json``."""
+    async_checkpoint: bool = True
+    plot: bool = True
+    """Write ``curves.png`` at the end."""
 
-  def __post_init__(self):
-    bad = set(self.logger) - {"console", "jsonl", "tensorboard", "wandb"}
-    if bad:
-      raise ConfigError(f"trainer.logger: unknown {sorted(bad)}; allowed: console, jsonl, tensorboard, wandb")
-    if self.total_training_steps < 0 or self.save_freq < 1:
-      raise ConfigError("trainer.total_training_steps must be >= 0 and trainer.save_freq >= 1")
+    def __post_init__(self):
+        bad = set(self.logger) - {"console", "jsonl", "tensorboard", "wandb"}
+        if bad:
+            raise ConfigError(
+                f"trainer.logger: unknown {sorted(bad)}; allowed: console, jsonl, tensorboard, wandb"
+            )
+        if self.total_training_steps < 0 or self.save_freq < 1:
+            raise ConfigError(
+                "trainer.total_training_steps must be >= 0 and trainer.save_freq >= 1"
+            )
 
 
 @dataclasses.dataclass
 class TrainConfig:
-  model: ModelSection = field(default_factory=ModelSection)
-  mesh: MeshConfig = field(default_factory=MeshConfig)
-  data: DataConfig = field(default_factory=DataConfig)
-  env: EnvSection = field(default_factory=EnvSection)
-  rollout: RolloutConfig = field(default_factory=RolloutConfig)
-  actor: ActorConfig = field(default_factory=ActorConfig)
-  critic: CriticConfig = field(default_factory=CriticConfig)
-  ref: RefSection = field(default_factory=RefSection)
-  algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
-  trainer: TrainerSection = field(default_factory=TrainerSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    env: EnvSection = field(default_factory=EnvSection)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ref: RefSection = field(default_factory=RefSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
 
-  def __post_init__(self):
-    seqs = self.data.train_batch_size * self.rollout.n
-    if seqs % self.actor.ppo_mini_batch_size:
-      raise ConfigError(
-          f"actor.ppo_mini_batch_size={self.actor.ppo_mini_batch_size} must divide "
-          f"data.train_batch_size * rollout.n = {seqs} (sequences per step)"
-      )
-    if self.uses_critic and seqs % self.critic.ppo_mini_batch_size:
-      raise ConfigError(
-          f"critic.ppo_mini_batch_size={self.critic.ppo_mini_batch_size} must divide {seqs}"
-      )
-    if self.algorithm.adv_estimator in ("grpo", "drgrpo", "rloo") and self.rollout.n < 2:
-      raise ConfigError(f"algorithm.adv_estimator={self.algorithm.adv_estimator} needs rollout.n >= 2")
-    rc = self.algorithm.rounds_ctrl
-    if not rc.rounds or any(r < 1 for r in rc.rounds):
-      raise ConfigError("algorithm.rounds_ctrl.rounds must be a non-empty list of ints >= 1")
-    r = self.rollout
-    if r.val_max_turns < 0 or r.num_slots < 0 or r.val_n < 1:
-      raise ConfigError(f"rollout: need val_max_turns >= 0, num_slots >= 0, val_n >= 1; got "
-                        f"{r.val_max_turns}, {r.num_slots}, {r.val_n}")
-    if self.model.attn_q_block < 0:
-      raise ConfigError(f"model.attn_q_block must be >= 0 (0 = one block), got {self.model.attn_q_block}")
-    if (self.actor.use_kl_loss or self.algorithm.use_kl_in_reward) and not self.ref.enable:
-      raise ConfigError("actor.use_kl_loss / algorithm.use_kl_in_reward need ref.enable=true")
+    def __post_init__(self):
+        seqs = self.data.train_batch_size * self.rollout.n
+        if seqs % self.actor.ppo_mini_batch_size:
+            raise ConfigError(
+                f"actor.ppo_mini_batch_size={self.actor.ppo_mini_batch_size} must divide "
+                f"data.train_batch_size * rollout.n = {seqs} (sequences per step)"
+            )
+        if self.uses_critic and seqs % self.critic.ppo_mini_batch_size:
+            raise ConfigError(
+                f"critic.ppo_mini_batch_size={self.critic.ppo_mini_batch_size} must divide {seqs}"
+            )
+        if self.algorithm.adv_estimator in ("grpo", "drgrpo", "rloo") and self.rollout.n < 2:
+            raise ConfigError(
+                f"algorithm.adv_estimator={self.algorithm.adv_estimator} needs rollout.n >= 2"
+            )
+        rc = self.algorithm.rounds_ctrl
+        if not rc.rounds or any(r < 1 for r in rc.rounds):
+            raise ConfigError("algorithm.rounds_ctrl.rounds must be a non-empty list of ints >= 1")
+        r = self.rollout
+        if r.val_max_turns < 0 or r.num_slots < 0 or r.val_n < 1:
+            raise ConfigError(
+                f"rollout: need val_max_turns >= 0, num_slots >= 0, val_n >= 1; got "
+                f"{r.val_max_turns}, {r.num_slots}, {r.val_n}"
+            )
+        if self.model.attn_q_block < 0:
+            raise ConfigError(
+                f"model.attn_q_block must be >= 0 (0 = one block), got {self.model.attn_q_block}"
+            )
+        if (self.actor.use_kl_loss or self.algorithm.use_kl_in_reward) and not self.ref.enable:
+            raise ConfigError("actor.use_kl_loss / algorithm.use_kl_in_reward need ref.enable=true")
 
-  @property
-  def uses_critic(self) -> bool:
-    return self.algorithm.adv_estimator == "gae"
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm.adv_estimator == "gae"
 
 
 _ALIASES = {
@@ -217,47 +228,51 @@ _ALIASES = {
 
 
 def canonical_key(key: str) -> str:
-  for old, new in _ALIASES.items():
-    if key == old or key.startswith(old):
-      return new + key[len(old):]
-  return key
+    for old, new in _ALIASES.items():
+        if key == old or key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def _apply_aliases(d: dict) -> dict:
-  """Fold veRL's ``actor_rollout_ref: {actor, rollout, ref, model}`` nesting into our sections."""
-  out = {k: v for k, v in d.items() if k != "actor_rollout_ref"}
-  arr = d.get("actor_rollout_ref") or {}
-  if not isinstance(arr, dict):
-    raise ConfigError("actor_rollout_ref must be a mapping")
-  for sub, v in arr.items():
-    if sub not in ("actor", "rollout", "ref", "model"):
-      raise ConfigError(f"unknown config key 'actor_rollout_ref.{sub}'; allowed: actor, rollout, ref, model")
-    out[sub] = ct.merge(out.get(sub) or {}, v or {})
-  for old in ("trainer.total_steps", "trainer.default_local_dir"):
-    sec, key = old.split(".")
-    if key in out.get(sec, {}):
-      out[sec] = dict(out[sec])
-      out[sec][canonical_key(old).split(".")[1]] = out[sec].pop(key)
-  return out
+    """Fold veRL's ``actor_rollout_ref: {actor, rollout, ref, model}`` nesting into our sections."""
+    out = {k: v for k, v in d.items() if k != "actor_rollout_ref"}
+    arr = d.get("actor_rollout_ref") or {}
+    if not isinstance(arr, dict):
+        raise ConfigError("actor_rollout_ref must be a mapping")
+    for sub, v in arr.items():
+        if sub not in ("actor", "rollout", "ref", "model"):
+            raise ConfigError(
+                f"unknown config key 'actor_rollout_ref.{sub}'; allowed: actor, rollout, ref, model"
+            )
+        out[sub] = ct.merge(out.get(sub) or {}, v or {})
+    for old in ("trainer.total_steps", "trainer.default_local_dir"):
+        sec, key = old.split(".")
+        if key in out.get(sec, {}):
+            out[sec] = dict(out[sec])
+            out[sec][canonical_key(old).split(".")[1]] = out[sec].pop(key)
+    return out
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> TrainConfig:
-  """YAML (optional) + ``key=value`` overrides -> validated TrainConfig."""
-  d: dict[str, Any] = dict(base or {})
-  if path:
-    d = ct.merge(d, _apply_aliases(ct.load_yaml(path)))
-  for o in overrides:
-    keys, value = ct.parse_override(o)
-    ct.set_dotted(d, canonical_key(".".join(keys)).split("."), value)
-  # The cosine schedule needs the run length; default it from the trainer.
-  steps = d.get("trainer", {}).get("total_training_steps")
-  for sec in ("actor", "critic"):
-    if d.get(sec, {}).get("lr_schedule") == "cosine" and "total_steps" not in d[sec]:
-      d[sec]["total_steps"] = steps or TrainerSection.total_training_steps
-  return ct.from_dict(TrainConfig, d)
+def load_config(
+    path: str | None = None, overrides: Sequence[str] = (), base: dict | None = None
+) -> TrainConfig:
+    """YAML (optional) + ``key=value`` overrides -> validated TrainConfig."""
+    d: dict[str, Any] = dict(base or {})
+    if path:
+        d = ct.merge(d, _apply_aliases(ct.load_yaml(path)))
+    for o in overrides:
+        keys, value = ct.parse_override(o)
+        ct.set_dotted(d, canonical_key(".".join(keys)).split("."), value)
+    # The cosine schedule needs the run length; default it from the trainer.
+    steps = d.get("trainer", {}).get("total_training_steps")
+    for sec in ("actor", "critic"):
+        if d.get(sec, {}).get("lr_schedule") == "cosine" and "total_steps" not in d[sec]:
+            d[sec]["total_steps"] = steps or TrainerSection.total_training_steps
+    return ct.from_dict(TrainConfig, d)
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-  import yaml
+    import yaml
 
-  return yaml.safe_dump(ct.to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(ct.to_dict(cfg), sort_keys=False)

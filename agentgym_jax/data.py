@@ -8,7 +8,8 @@ the exact same sequence (checkpoint.py stores `get_state()` next to the params).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,17 +31,25 @@ class TaskSampler:
         batch holds `batch_size * group_size` ids.
     """
 
-    def __init__(self, task_ids: Sequence[int], batch_size: int, seed: int = 0, group_size: int = 1) -> None:
+    def __init__(
+        self, task_ids: Sequence[int], batch_size: int, seed: int = 0, group_size: int = 1
+    ) -> None:
         import grain
 
         if len(task_ids) == 0:
             raise ValueError("task_ids is empty")
         if batch_size < 1 or group_size < 1:
-            raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size}, {group_size}")
+            raise ValueError(
+                f"batch_size and group_size must be >= 1, got {batch_size}, {group_size}"
+            )
         self.task_ids = [int(t) for t in task_ids]
         self.batch_size, self.seed, self.group_size = batch_size, int(seed), group_size
         self._dataset = (
-            grain.MapDataset.source(self.task_ids).seed(self.seed).shuffle().repeat().batch(batch_size)
+            grain.MapDataset.source(self.task_ids)
+            .seed(self.seed)
+            .shuffle()
+            .repeat()
+            .batch(batch_size)
         )
         self._fingerprint = _fingerprint(self.task_ids, self.seed, batch_size, group_size)
         self._iter = iter(self._dataset)
@@ -66,12 +75,19 @@ class TaskSampler:
         if state.get("fingerprint") != self._fingerprint:
             raise ValueError(
                 "sampler state was saved for different task ids, seed, batch_size or group_size "
-                f"(saved fingerprint {state.get('fingerprint')!r}, this sampler {self._fingerprint!r})")
+                f"(saved fingerprint {state.get('fingerprint')!r}, this sampler {self._fingerprint!r})"
+            )
         self._iter.set_state({k: v for k, v in state.items() if k not in ("fingerprint", "seed")})
 
 
-def env_task_sampler(env_name: str, split: str, batch_size: int, seed: int = 0, group_size: int = 1,
-                     **env_kwargs: Any) -> TaskSampler:
+def env_task_sampler(
+    env_name: str,
+    split: str,
+    batch_size: int,
+    seed: int = 0,
+    group_size: int = 1,
+    **env_kwargs: Any,
+) -> TaskSampler:
     """A `TaskSampler` over `envs.task_ids(env_name, split, **env_kwargs)`."""
     import envs
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -26,308 +26,340 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Episode:
-  uid: int
-  task_id: int
-  group: int
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  loss_mask: list[int] = dataclasses.field(default_factory=list)
-  logprobs: list[float] = dataclasses.field(default_factory=list)
-  turn_ends: list[int] = dataclasses.field(default_factory=list)
-  """Index (into tokens) of each model turn's last token."""
-  turn_rewards: list[float] = dataclasses.field(default_factory=list)
-  messages: list[dict] = dataclasses.field(default_factory=list)
-  prompt_len: int = 0
-  turns: int = 0
-  turns_stopped: int = 0
-  """Model turns that ended on a stop token (the rest hit max_tokens_per_turn)."""
-  score: float = 0.0
-  success: bool = False
-  env_done: bool = False
-  truncated: str | None = None
-  """None, "horizon" (max turns reached), "length" (token budget), "prompt" (prompt too long),
+    uid: int
+    task_id: int
+    group: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    loss_mask: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    turn_ends: list[int] = dataclasses.field(default_factory=list)
+    """Index (into tokens) of each model turn's last token."""
+    turn_rewards: list[float] = dataclasses.field(default_factory=list)
+    messages: list[dict] = dataclasses.field(default_factory=list)
+    prompt_len: int = 0
+    turns: int = 0
+    turns_stopped: int = 0
+    """Model turns that ended on a stop token (the rest hit max_tokens_per_turn)."""
+    score: float = 0.0
+    success: bool = False
+    env_done: bool = False
+    truncated: str | None = None
+    """None, "horizon" (max turns reached), "length" (token budget), "prompt" (prompt too long),
   "turn" (a turn hit max_tokens_per_turn; see ``RolloutSettings.unclosed_turn_score``)."""
-  error: str | None = None
-  slot: int = -1
-  finished: bool = False
+    error: str | None = None
+    slot: int = -1
+    finished: bool = False
 
-  def transcript(self) -> dict:
-    return dict(
-        uid=self.uid, task_id=self.task_id, group=self.group, score=self.score,
-        success=self.success, turns=self.turns, truncated=self.truncated, error=self.error,
-        num_tokens=len(self.tokens), messages=self.messages,
-    )
+    def transcript(self) -> dict:
+        return dict(
+            uid=self.uid,
+            task_id=self.task_id,
+            group=self.group,
+            score=self.score,
+            success=self.success,
+            turns=self.turns,
+            truncated=self.truncated,
+            error=self.error,
+            num_tokens=len(self.tokens),
+            messages=self.messages,
+        )
 
 
 @dataclasses.dataclass
 class RolloutSettings:
-  max_turns: int
-  max_tokens_per_turn: int
-  max_prompt_length: int
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  seed: int = 0
-  """Episode ``i`` samples with seed ``hash(seed, i)``: independent of timing and slot."""
-  unclosed_turn_score: float | None = None
-  """None: a turn cut at ``max_tokens_per_turn`` goes to the env as is (AgentGym). A number:
+    max_turns: int
+    max_tokens_per_turn: int
+    max_prompt_length: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    """Episode ``i`` samples with seed ``hash(seed, i)``: independent of timing and slot."""
+    unclosed_turn_score: float | None = None
+    """None: a turn cut at ``max_tokens_per_turn`` goes to the env as is (AgentGym). A number:
   it ends the episode with this score (``truncated="turn"``), so RL stops rewarding replies
   that ramble past their action and never close."""
 
 
 def episode_seed(seed: int, uid: int) -> int:
-  return (seed * 1_000_003 + uid * 7919 + 17) & 0x7FFFFFFF
+    return (seed * 1_000_003 + uid * 7919 + 17) & 0x7FFFFFFF
 
 
 class Rollout:
-  """Runs episodes for (task_id, group) pairs; see module docstring.
+    """Runs episodes for (task_id, group) pairs; see module docstring.
 
-  ``pool`` is an env pool (``envs.pool``) whose episodes are keyed by our uid.
-  """
+    ``pool`` is an env pool (``envs.pool``) whose episodes are keyed by our uid.
+    """
 
-  def __init__(self, engine: Engine, pool, chat: ChatDeltas, *, stop_token_ids: Sequence[int] = (),
-               success_fn: Callable | None = None, gather_window_s: float = 0.02):
-    self.engine = engine
-    self.gather_window_s = gather_window_s
-    self.pool = pool
-    self.chat = chat
-    self.stop_token_ids = tuple(dict.fromkeys([chat.end_of_turn_id, *stop_token_ids]))
-    self.success_fn = success_fn or (lambda score, info, done: bool(info.get("success", done and score > 0)))
-    self.stats: dict[str, float] = {}
-
-  def run(self, tasks: Sequence[tuple[int, int]], s: RolloutSettings) -> list[Episode]:
-    eng, pool = self.engine, self.pool
-    t0 = time.perf_counter()
-    eps = {uid: Episode(uid=uid, task_id=int(t), group=int(g)) for uid, (t, g) in enumerate(tasks)}
-    for e in eps.values():
-      pool.submit_reset(e.uid, e.task_id)
-    ready: list[Episode] = []  # reset done, waiting for a slot
-    waiting_env: set[int] = set(eps)
-    decoding: set[int] = set()
-    unfinished = len(eps)
-    env_wait = decode_time = 0.0
-    while unfinished:
-      # 1) Collect env replies (block only when the engine has nothing to do).
-      if waiting_env:
-        tw = time.perf_counter()
-        results = self._gather(waiting_env, len(decoding))
-        env_wait += time.perf_counter() - tw
-        to_append: list[Episode] = []
-        for uid, res in results:
-          e = eps[uid]
-          waiting_env.discard(uid)
-          if e.turns == 0 and not e.tokens:
-            self._on_reset(e, res, s, ready)
-          else:
-            self._on_step(e, res, s, to_append)
-          if e.finished:
-            unfinished -= 1
-        if to_append:
-          self._append(to_append, s)
-          for e in to_append:
-            if e.finished:
-              unfinished -= 1
-            else:
-              decoding.add(e.uid)
-      # 2) Start ready episodes in free slots (one batched prefill).
-      free = eng.free_slots()
-      if ready and free:
-        batch, ready = ready[: len(free)], ready[len(free):]
-        for e, slot in zip(batch, free):
-          e.slot = slot
-        eng.prefill(
-            [e.slot for e in batch], [e.tokens for e in batch],
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            seeds=[episode_seed(s.seed, e.uid) for e in batch],
+    def __init__(
+        self,
+        engine: Engine,
+        pool,
+        chat: ChatDeltas,
+        *,
+        stop_token_ids: Sequence[int] = (),
+        success_fn: Callable | None = None,
+        gather_window_s: float = 0.02,
+    ):
+        self.engine = engine
+        self.gather_window_s = gather_window_s
+        self.pool = pool
+        self.chat = chat
+        self.stop_token_ids = tuple(dict.fromkeys([chat.end_of_turn_id, *stop_token_ids]))
+        self.success_fn = success_fn or (
+            lambda score, info, done: bool(info.get("success", done and score > 0))
         )
-        eng.begin_turn([e.slot for e in batch], s.max_tokens_per_turn, self.stop_token_ids)
-        decoding.update(e.uid for e in batch)
-      # 3) Decode until some turn ends; hand finished turns to the envs.
-      if decoding:
-        td = time.perf_counter()
-        done_turns = eng.step(return_on_first=True)
-        decode_time += time.perf_counter() - td
-        by_slot = {eps[u].slot: eps[u] for u in decoding}
-        for slot, turn in done_turns.items():
-          e = by_slot[slot]
-          decoding.discard(e.uid)
-          if self._on_turn(e, turn, s):
-            waiting_env.add(e.uid)
-          else:
-            self._finish(e)
-            unfinished -= 1
-      elif not waiting_env and not ready and unfinished:
-        raise RuntimeError(f"rollout stalled with {unfinished} unfinished episodes (bug)")
-    self.stats = dict(
-        rollout_s=time.perf_counter() - t0, env_wait_s=env_wait, decode_s=decode_time,
-    )
-    return [eps[u] for u in sorted(eps)]
+        self.stats: dict[str, float] = {}
 
-  def _gather(self, waiting_env: set[int], n_decoding: int) -> list:
-    """Env replies that are ready, waiting up to ``gather_window_s`` for more while more
-    episodes wait on envs than decode. A decode step costs the same for 1 or all slots, so
-    starting a turn for one episode while the rest of the batch is a few ms behind wastes
-    the accelerator; slow envs still cannot stall it for longer than the window."""
-    results = self.pool.poll(timeout=0.0 if n_decoding else 0.05)
-    deadline = time.perf_counter() + self.gather_window_s
-    while len(results) < len(waiting_env) and n_decoding < len(waiting_env) - len(results):
-      left = deadline - time.perf_counter()
-      if left <= 0:
-        break
-      more = self.pool.poll(timeout=min(left, 0.005))
-      if more:
-        results += more
+    def run(self, tasks: Sequence[tuple[int, int]], s: RolloutSettings) -> list[Episode]:
+        eng, pool = self.engine, self.pool
+        t0 = time.perf_counter()
+        eps = {
+            uid: Episode(uid=uid, task_id=int(t), group=int(g)) for uid, (t, g) in enumerate(tasks)
+        }
+        for e in eps.values():
+            pool.submit_reset(e.uid, e.task_id)
+        ready: list[Episode] = []  # reset done, waiting for a slot
+        waiting_env: set[int] = set(eps)
+        decoding: set[int] = set()
+        unfinished = len(eps)
+        env_wait = decode_time = 0.0
+        while unfinished:
+            # 1) Collect env replies (block only when the engine has nothing to do).
+            if waiting_env:
+                tw = time.perf_counter()
+                results = self._gather(waiting_env, len(decoding))
+                env_wait += time.perf_counter() - tw
+                to_append: list[Episode] = []
+                for uid, res in results:
+                    e = eps[uid]
+                    waiting_env.discard(uid)
+                    if e.turns == 0 and not e.tokens:
+                        self._on_reset(e, res, s, ready)
+                    else:
+                        self._on_step(e, res, s, to_append)
+                    if e.finished:
+                        unfinished -= 1
+                if to_append:
+                    self._append(to_append, s)
+                    for e in to_append:
+                        if e.finished:
+                            unfinished -= 1
+                        else:
+                            decoding.add(e.uid)
+            # 2) Start ready episodes in free slots (one batched prefill).
+            free = eng.free_slots()
+            if ready and free:
+                batch, ready = ready[: len(free)], ready[len(free) :]
+                for e, slot in zip(batch, free):
+                    e.slot = slot
+                eng.prefill(
+                    [e.slot for e in batch],
+                    [e.tokens for e in batch],
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    top_k=s.top_k,
+                    seeds=[episode_seed(s.seed, e.uid) for e in batch],
+                )
+                eng.begin_turn([e.slot for e in batch], s.max_tokens_per_turn, self.stop_token_ids)
+                decoding.update(e.uid for e in batch)
+            # 3) Decode until some turn ends; hand finished turns to the envs.
+            if decoding:
+                td = time.perf_counter()
+                done_turns = eng.step(return_on_first=True)
+                decode_time += time.perf_counter() - td
+                by_slot = {eps[u].slot: eps[u] for u in decoding}
+                for slot, turn in done_turns.items():
+                    e = by_slot[slot]
+                    decoding.discard(e.uid)
+                    if self._on_turn(e, turn, s):
+                        waiting_env.add(e.uid)
+                    else:
+                        self._finish(e)
+                        unfinished -= 1
+            elif not waiting_env and not ready and unfinished:
+                raise RuntimeError(f"rollout stalled with {unfinished} unfinished episodes (bug)")
+        self.stats = dict(
+            rollout_s=time.perf_counter() - t0,
+            env_wait_s=env_wait,
+            decode_s=decode_time,
+        )
+        return [eps[u] for u in sorted(eps)]
+
+    def _gather(self, waiting_env: set[int], n_decoding: int) -> list:
+        """Env replies that are ready, waiting up to ``gather_window_s`` for more while more
+        episodes wait on envs than decode. A decode step costs the same for 1 or all slots, so
+        starting a turn for one episode while the rest of the batch is a few ms behind wastes
+        the accelerator; slow envs still cannot stall it for longer than the window."""
+        results = self.pool.poll(timeout=0.0 if n_decoding else 0.05)
         deadline = time.perf_counter() + self.gather_window_s
-    return results
+        while len(results) < len(waiting_env) and n_decoding < len(waiting_env) - len(results):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            more = self.pool.poll(timeout=min(left, 0.005))
+            if more:
+                results += more
+                deadline = time.perf_counter() + self.gather_window_s
+        return results
 
-  # ---- event handlers ----
-  def _on_reset(self, e: Episode, res, s: RolloutSettings, ready: list[Episode]):
-    if res.info.get("error"):
-      e.error = str(res.info["error"])
-      self._finish(e)
-      return
-    msgs = self.pool.initial_messages(res)
-    e.messages = list(msgs)
-    ids = self.chat.prompt_ids(msgs)
-    if len(ids) > s.max_prompt_length or len(ids) >= self.engine.config.max_len:
-      e.truncated = "prompt"
-      e.error = f"prompt of {len(ids)} tokens exceeds max_prompt_length={s.max_prompt_length}"
-      self._finish(e)
-      return
-    e.tokens = list(ids)
-    e.loss_mask = [0] * len(ids)
-    e.logprobs = [0.0] * len(ids)
-    e.prompt_len = len(ids)
-    ready.append(e)
+    # ---- event handlers ----
+    def _on_reset(self, e: Episode, res, s: RolloutSettings, ready: list[Episode]):
+        if res.info.get("error"):
+            e.error = str(res.info["error"])
+            self._finish(e)
+            return
+        msgs = self.pool.initial_messages(res)
+        e.messages = list(msgs)
+        ids = self.chat.prompt_ids(msgs)
+        if len(ids) > s.max_prompt_length or len(ids) >= self.engine.config.max_len:
+            e.truncated = "prompt"
+            e.error = f"prompt of {len(ids)} tokens exceeds max_prompt_length={s.max_prompt_length}"
+            self._finish(e)
+            return
+        e.tokens = list(ids)
+        e.loss_mask = [0] * len(ids)
+        e.logprobs = [0.0] * len(ids)
+        e.prompt_len = len(ids)
+        ready.append(e)
 
-  def _on_turn(self, e: Episode, turn, s: RolloutSettings) -> bool:
-    """Record a finished model turn; returns True if the action went to the env."""
-    toks = list(turn.tokens)
-    e.tokens += toks
-    e.loss_mask += [1] * len(toks)
-    e.logprobs += [float(x) for x in turn.logprobs]
-    e.turns += 1
-    if toks:
-      e.turn_ends.append(len(e.tokens) - 1)
-    e.turns_stopped += turn.finish_reason == "stop"
-    text = self.chat.tokenizer.decode(toks, skip_special_tokens=True)
-    e.messages.append({"role": "assistant", "content": text})
-    if turn.finish_reason == "max_len":
-      e.truncated = "length"
-      return False
-    if turn.finish_reason == "length" and s.unclosed_turn_score is not None:
-      e.truncated = "turn"
-      e.score = float(s.unclosed_turn_score)
-      return False
-    self.pool.submit_step(e.uid, text)
-    return True
+    def _on_turn(self, e: Episode, turn, s: RolloutSettings) -> bool:
+        """Record a finished model turn; returns True if the action went to the env."""
+        toks = list(turn.tokens)
+        e.tokens += toks
+        e.loss_mask += [1] * len(toks)
+        e.logprobs += [float(x) for x in turn.logprobs]
+        e.turns += 1
+        if toks:
+            e.turn_ends.append(len(e.tokens) - 1)
+        e.turns_stopped += turn.finish_reason == "stop"
+        text = self.chat.tokenizer.decode(toks, skip_special_tokens=True)
+        e.messages.append({"role": "assistant", "content": text})
+        if turn.finish_reason == "max_len":
+            e.truncated = "length"
+            return False
+        if turn.finish_reason == "length" and s.unclosed_turn_score is not None:
+            e.truncated = "turn"
+            e.score = float(s.unclosed_turn_score)
+            return False
+        self.pool.submit_step(e.uid, text)
+        return True
 
-  def _on_step(self, e: Episode, res, s: RolloutSettings, to_append: list[Episode]):
-    e.turn_rewards.append(float(res.reward))
-    e.score = float(res.reward)  # the paper's outcome: the last step's score
-    e.env_done = bool(res.done)
-    if res.info.get("error"):
-      e.error = str(res.info["error"])
-    if e.env_done or e.error:
-      e.success = self.success_fn(e.score, res.info, e.env_done) and not e.error
-      e.messages.append({"role": "user", "content": res.observation})
-      self._finish(e)
-      return
-    e.messages.append({"role": "user", "content": res.observation})
-    if e.turns >= s.max_turns:
-      e.truncated = "horizon"
-      self._finish(e)
-      return
-    to_append.append(e)
+    def _on_step(self, e: Episode, res, s: RolloutSettings, to_append: list[Episode]):
+        e.turn_rewards.append(float(res.reward))
+        e.score = float(res.reward)  # the paper's outcome: the last step's score
+        e.env_done = bool(res.done)
+        if res.info.get("error"):
+            e.error = str(res.info["error"])
+        if e.env_done or e.error:
+            e.success = self.success_fn(e.score, res.info, e.env_done) and not e.error
+            e.messages.append({"role": "user", "content": res.observation})
+            self._finish(e)
+            return
+        e.messages.append({"role": "user", "content": res.observation})
+        if e.turns >= s.max_turns:
+            e.truncated = "horizon"
+            self._finish(e)
+            return
+        to_append.append(e)
 
-  def _append(self, eps: list[Episode], s: RolloutSettings):
-    slots, deltas = [], []
-    for e in eps:
-      ended = bool(e.turn_ends) and e.tokens[e.turn_ends[-1]] == self.chat.end_of_turn_id
-      # messages ends with [..., assistant, user(obs)]: the delta is that user message + gen prompt.
-      delta = self.chat.delta_ids(e.messages[:-1], e.messages[-1:], model_ended_turn=ended)
-      if len(e.tokens) + len(delta) >= self.engine.config.max_len:
-        e.truncated = "length"
-        self._finish(e)
-        continue
-      slots.append(e.slot)
-      deltas.append(delta)
-      e.tokens += delta
-      e.loss_mask += [0] * len(delta)
-      e.logprobs += [0.0] * len(delta)
-    live = [e for e in eps if not e.finished]
-    if not live:
-      return
-    try:
-      self.engine.append(slots, deltas)
-    except SlotFullError:  # guarded above; keep the episode data consistent if it happens
-      for e in live:
-        e.truncated = "length"
-        self._finish(e)
-      return
-    self.engine.begin_turn(slots, s.max_tokens_per_turn, self.stop_token_ids)
+    def _append(self, eps: list[Episode], s: RolloutSettings):
+        slots, deltas = [], []
+        for e in eps:
+            ended = bool(e.turn_ends) and e.tokens[e.turn_ends[-1]] == self.chat.end_of_turn_id
+            # messages ends with [..., assistant, user(obs)]: the delta is that user message + gen prompt.
+            delta = self.chat.delta_ids(e.messages[:-1], e.messages[-1:], model_ended_turn=ended)
+            if len(e.tokens) + len(delta) >= self.engine.config.max_len:
+                e.truncated = "length"
+                self._finish(e)
+                continue
+            slots.append(e.slot)
+            deltas.append(delta)
+            e.tokens += delta
+            e.loss_mask += [0] * len(delta)
+            e.logprobs += [0.0] * len(delta)
+        live = [e for e in eps if not e.finished]
+        if not live:
+            return
+        try:
+            self.engine.append(slots, deltas)
+        except SlotFullError:  # guarded above; keep the episode data consistent if it happens
+            for e in live:
+                e.truncated = "length"
+                self._finish(e)
+            return
+        self.engine.begin_turn(slots, s.max_tokens_per_turn, self.stop_token_ids)
 
-  def _finish(self, e: Episode):
-    if e.finished:
-      return
-    e.finished = True
-    if e.slot >= 0:
-      self.engine.release([e.slot])
-    self.pool.end_episode(e.uid)
+    def _finish(self, e: Episode):
+        if e.finished:
+            return
+        e.finished = True
+        if e.slot >= 0:
+            self.engine.release([e.slot])
+        self.pool.end_episode(e.uid)
 
 
 def rollout_metrics(episodes: Sequence[Episode], prefix: str = "train") -> dict[str, float]:
-  n = max(len(episodes), 1)
-  resp = [sum(e.loss_mask) for e in episodes]
-  scores = np.array([e.score for e in episodes], np.float64)
-  return {
-      f"{prefix}/reward_mean": float(scores.mean()) if len(scores) else 0.0,
-      f"{prefix}/reward_std": float(scores.std()) if len(scores) else 0.0,
-      f"{prefix}/success_rate": sum(e.success for e in episodes) / n,
-      f"{prefix}/turns_mean": sum(e.turns for e in episodes) / n,
-      f"{prefix}/turns_max": float(max((e.turns for e in episodes), default=0)),
-      # Falls toward 0 when the policy stops closing its turns (a common RL collapse).
-      f"{prefix}/turn_stop_frac": sum(e.turns_stopped for e in episodes) / max(sum(e.turns for e in episodes), 1),
-      f"{prefix}/response_tokens_mean": float(np.mean(resp)) if resp else 0.0,
-      f"{prefix}/seq_len_mean": float(np.mean([len(e.tokens) for e in episodes])) if episodes else 0.0,
-      f"{prefix}/truncated_frac": sum(e.truncated in ("length", "prompt") for e in episodes) / n,
-      f"{prefix}/unclosed_end_frac": sum(e.truncated == "turn" for e in episodes) / n,
-      f"{prefix}/horizon_cut_frac": sum(e.truncated == "horizon" for e in episodes) / n,
-      f"{prefix}/env_error_frac": sum(e.error is not None and e.truncated is None for e in episodes) / n,
-  }
+    n = max(len(episodes), 1)
+    resp = [sum(e.loss_mask) for e in episodes]
+    scores = np.array([e.score for e in episodes], np.float64)
+    return {
+        f"{prefix}/reward_mean": float(scores.mean()) if len(scores) else 0.0,
+        f"{prefix}/reward_std": float(scores.std()) if len(scores) else 0.0,
+        f"{prefix}/success_rate": sum(e.success for e in episodes) / n,
+        f"{prefix}/turns_mean": sum(e.turns for e in episodes) / n,
+        f"{prefix}/turns_max": float(max((e.turns for e in episodes), default=0)),
+        # Falls toward 0 when the policy stops closing its turns (a common RL collapse).
+        f"{prefix}/turn_stop_frac": sum(e.turns_stopped for e in episodes)
+        / max(sum(e.turns for e in episodes), 1),
+        f"{prefix}/response_tokens_mean": float(np.mean(resp)) if resp else 0.0,
+        f"{prefix}/seq_len_mean": float(np.mean([len(e.tokens) for e in episodes]))
+        if episodes
+        else 0.0,
+        f"{prefix}/truncated_frac": sum(e.truncated in ("length", "prompt") for e in episodes) / n,
+        f"{prefix}/unclosed_end_frac": sum(e.truncated == "turn" for e in episodes) / n,
+        f"{prefix}/horizon_cut_frac": sum(e.truncated == "horizon" for e in episodes) / n,
+        f"{prefix}/env_error_frac": sum(
+            e.error is not None and e.truncated is None for e in episodes
+        )
+        / n,
+    }
 
 
-def to_batch(episodes: Sequence[Episode], pad_multiple: int = 64, max_len: int | None = None) -> dict[str, np.ndarray]:
-  """Right-padded training arrays. The outcome score sits on the last model token.
+def to_batch(
+    episodes: Sequence[Episode], pad_multiple: int = 64, max_len: int | None = None
+) -> dict[str, np.ndarray]:
+    """Right-padded training arrays. The outcome score sits on the last model token.
 
-  Episodes with an env error keep their tokens but get a zero loss mask: a crashed env says
-  nothing about the policy.
-  """
-  b = len(episodes)
-  longest = max((len(e.tokens) for e in episodes), default=1)
-  t = -(-max(longest, 1) // pad_multiple) * pad_multiple
-  if max_len is not None:
-    t = min(t, max_len)
-  ids = np.zeros((b, t), np.int32)
-  attn = np.zeros((b, t), np.int32)
-  lmask = np.zeros((b, t), np.int32)
-  lps = np.zeros((b, t), np.float32)
-  rewards = np.zeros((b, t), np.float32)
-  for i, e in enumerate(episodes):
-    n = min(len(e.tokens), t)
-    ids[i, :n] = e.tokens[:n]
-    attn[i, :n] = 1
-    if e.error is None or e.truncated is not None:
-      lmask[i, :n] = e.loss_mask[:n]
-    lps[i, :n] = e.logprobs[:n]
-    model_pos = np.nonzero(lmask[i])[0]
-    if len(model_pos):
-      rewards[i, model_pos[-1]] = e.score
-  return dict(
-      input_ids=ids,
-      attention_mask=attn,
-      loss_mask=lmask,
-      rollout_logprobs=lps,
-      rewards=rewards,
-      scores=np.array([e.score for e in episodes], np.float32),
-      group_ids=np.array([e.group for e in episodes], np.int32),
-  )
+    Episodes with an env error keep their tokens but get a zero loss mask: a crashed env says
+    nothing about the policy.
+    """
+    b = len(episodes)
+    longest = max((len(e.tokens) for e in episodes), default=1)
+    t = -(-max(longest, 1) // pad_multiple) * pad_multiple
+    if max_len is not None:
+        t = min(t, max_len)
+    ids = np.zeros((b, t), np.int32)
+    attn = np.zeros((b, t), np.int32)
+    lmask = np.zeros((b, t), np.int32)
+    lps = np.zeros((b, t), np.float32)
+    rewards = np.zeros((b, t), np.float32)
+    for i, e in enumerate(episodes):
+        n = min(len(e.tokens), t)
+        ids[i, :n] = e.tokens[:n]
+        attn[i, :n] = 1
+        if e.error is None or e.truncated is not None:
+            lmask[i, :n] = e.loss_mask[:n]
+        lps[i, :n] = e.logprobs[:n]
+        model_pos = np.nonzero(lmask[i])[0]
+        if len(model_pos):
+            rewards[i, model_pos[-1]] = e.score
+    return dict(
+        input_ids=ids,
+        attention_mask=attn,
+        loss_mask=lmask,
+        rollout_logprobs=lps,
+        rewards=rewards,
+        scores=np.array([e.score for e in episodes], np.float32),
+        group_ids=np.array([e.group for e in episodes], np.int32),
+    )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -28,136 +29,149 @@ PAPER_HORIZONS: dict[str, tuple[list[int], int]] = {
 }
 # Env -> fixed max rounds of the paper's non-ScalingInter runs.
 PAPER_FIXED_ROUNDS: dict[str, int] = {
-    "babyai": 20, "sciworld": 20, "searchqa": 5, "textcraft": 30, "webarena": 15,
+    "babyai": 20,
+    "sciworld": 20,
+    "searchqa": 5,
+    "textcraft": 30,
+    "webarena": 15,
 }
 
 
 def _check_pos_int(key: str, v: Any) -> int:
-  if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-    raise ValueError(f"rounds_ctrl.{key}={v!r}: must be a positive int")
-  return v
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"rounds_ctrl.{key}={v!r}: must be a positive int")
+    return v
 
 
 def _check_step(step: int) -> int:
-  if isinstance(step, bool) or not isinstance(step, (int,)) and not hasattr(step, "__index__"):
-    raise TypeError(f"max_turns(step): step must be an int, got {type(step).__name__}")
-  step = int(step)
-  if step < 0:
-    raise ValueError(f"max_turns(step): step must be >= 0, got {step}")
-  return step
+    if isinstance(step, bool) or not isinstance(step, (int,)) and not hasattr(step, "__index__"):
+        raise TypeError(f"max_turns(step): step must be an int, got {type(step).__name__}")
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"max_turns(step): step must be >= 0, got {step}")
+    return step
 
 
 def fixed(n: int) -> Callable[[int], int]:
-  """max_turns(step) = n for every step."""
-  n = _check_pos_int("rounds", n)
+    """max_turns(step) = n for every step."""
+    n = _check_pos_int("rounds", n)
 
-  def max_turns(step: int) -> int:
-    _check_step(step)
-    return n
+    def max_turns(step: int) -> int:
+        _check_step(step)
+        return n
 
-  return max_turns
+    return max_turns
 
 
 def scaling_inter(rounds: Sequence[int], every: int) -> Callable[[int], int]:
-  """Staged horizon: steps 1..every -> rounds[0], the next ``every`` -> rounds[1], ... last holds.
+    """Staged horizon: steps 1..every -> rounds[0], the next ``every`` -> rounds[1], ... last holds.
 
-  ``rounds`` must be positive ints, non-decreasing (the method only ever widens the horizon).
-  """
-  if isinstance(rounds, (str, bytes)) or not isinstance(rounds, Sequence) or not rounds:
-    raise ValueError(f"rounds_ctrl.rounds={rounds!r}: must be a non-empty list of positive ints")
-  rounds = tuple(_check_pos_int("rounds", r) for r in rounds)
-  if any(b < a for a, b in zip(rounds, rounds[1:])):
-    raise ValueError(f"rounds_ctrl.rounds={list(rounds)}: must be non-decreasing")
-  every = _check_pos_int("steps_scaling_inter", every)
+    ``rounds`` must be positive ints, non-decreasing (the method only ever widens the horizon).
+    """
+    if isinstance(rounds, (str, bytes)) or not isinstance(rounds, Sequence) or not rounds:
+        raise ValueError(
+            f"rounds_ctrl.rounds={rounds!r}: must be a non-empty list of positive ints"
+        )
+    rounds = tuple(_check_pos_int("rounds", r) for r in rounds)
+    if any(b < a for a, b in zip(rounds, rounds[1:])):
+        raise ValueError(f"rounds_ctrl.rounds={list(rounds)}: must be non-decreasing")
+    every = _check_pos_int("steps_scaling_inter", every)
 
-  def max_turns(step: int) -> int:
-    step = _check_step(step)
-    stage = max(step - 1, 0) // every
-    return rounds[min(stage, len(rounds) - 1)]
+    def max_turns(step: int) -> int:
+        step = _check_step(step)
+        stage = max(step - 1, 0) // every
+        return rounds[min(stage, len(rounds) - 1)]
 
-  return max_turns
+    return max_turns
 
 
 @dataclasses.dataclass
 class RoundsCtrlConfig:
-  """``algorithm.rounds_ctrl``: the per-episode turn budget over training."""
+    """``algorithm.rounds_ctrl``: the per-episode turn budget over training."""
 
-  type: str = "fixed"
-  """fixed | scaling_inter_stepwise."""
-  rounds: int | list[int] = 20
-  """fixed: the max turns (an int, or a one-element list); scaling_inter_stepwise: one value per
+    type: str = "fixed"
+    """fixed | scaling_inter_stepwise."""
+    rounds: int | list[int] = 20
+    """fixed: the max turns (an int, or a one-element list); scaling_inter_stepwise: one value per
   stage, non-decreasing."""
-  steps_scaling_inter: int = 100
-  """scaling_inter_stepwise: training steps per stage."""
+    steps_scaling_inter: int = 100
+    """scaling_inter_stepwise: training steps per stage."""
 
-  def __post_init__(self):
-    make_horizon(self)  # validates
+    def __post_init__(self):
+        make_horizon(self)  # validates
 
 
 def _get(cfg: Any, key: str, default=None):
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
 
 
 def make_horizon(cfg: Any) -> Callable[[int], int]:
-  """``max_turns(step)`` from a rounds_ctrl config (RoundsCtrlConfig, mapping or object).
+    """``max_turns(step)`` from a rounds_ctrl config (RoundsCtrlConfig, mapping or object).
 
-  Also accepts a parent config holding ``rounds_ctrl`` (e.g. the algorithm section).
-  """
-  if _get(cfg, "rounds_ctrl") is not None:
-    cfg = _get(cfg, "rounds_ctrl")
-  kind = _get(cfg, "type", "fixed")
-  rounds = _get(cfg, "rounds")
-  if kind not in ROUNDS_CTRL_TYPES:
-    raise ValueError(f"rounds_ctrl.type={kind!r}: allowed {list(ROUNDS_CTRL_TYPES)}")
-  if rounds is None:
-    raise ValueError("rounds_ctrl.rounds: required (an int, or a list for scaling_inter_stepwise)")
-  if kind == "fixed":
-    if isinstance(rounds, Sequence) and not isinstance(rounds, (str, bytes)):
-      if len(rounds) != 1:
-        raise ValueError(f"rounds_ctrl.rounds={rounds!r}: type=fixed takes one value")
-      rounds = rounds[0]
-    return fixed(rounds)
-  if not isinstance(rounds, Sequence) or isinstance(rounds, (str, bytes)):
-    rounds = [rounds]
-  return scaling_inter(list(rounds), _get(cfg, "steps_scaling_inter"))
+    Also accepts a parent config holding ``rounds_ctrl`` (e.g. the algorithm section).
+    """
+    if _get(cfg, "rounds_ctrl") is not None:
+        cfg = _get(cfg, "rounds_ctrl")
+    kind = _get(cfg, "type", "fixed")
+    rounds = _get(cfg, "rounds")
+    if kind not in ROUNDS_CTRL_TYPES:
+        raise ValueError(f"rounds_ctrl.type={kind!r}: allowed {list(ROUNDS_CTRL_TYPES)}")
+    if rounds is None:
+        raise ValueError(
+            "rounds_ctrl.rounds: required (an int, or a list for scaling_inter_stepwise)"
+        )
+    if kind == "fixed":
+        if isinstance(rounds, Sequence) and not isinstance(rounds, (str, bytes)):
+            if len(rounds) != 1:
+                raise ValueError(f"rounds_ctrl.rounds={rounds!r}: type=fixed takes one value")
+            rounds = rounds[0]
+        return fixed(rounds)
+    if not isinstance(rounds, Sequence) or isinstance(rounds, (str, bytes)):
+        rounds = [rounds]
+    return scaling_inter(list(rounds), _get(cfg, "steps_scaling_inter"))
 
 
 def paper_horizon(env: str, scaling: bool = True) -> Callable[[int], int]:
-  """The paper's horizon for ``env``: ScalingInter-RL stages, or the fixed max rounds."""
-  key = env.lower()
-  if key not in PAPER_FIXED_ROUNDS:
-    raise ValueError(f"paper_horizon: env={env!r}: allowed {sorted(PAPER_FIXED_ROUNDS)}")
-  if scaling:
-    return scaling_inter(*PAPER_HORIZONS[key])
-  return fixed(PAPER_FIXED_ROUNDS[key])
+    """The paper's horizon for ``env``: ScalingInter-RL stages, or the fixed max rounds."""
+    key = env.lower()
+    if key not in PAPER_FIXED_ROUNDS:
+        raise ValueError(f"paper_horizon: env={env!r}: allowed {sorted(PAPER_FIXED_ROUNDS)}")
+    if scaling:
+        return scaling_inter(*PAPER_HORIZONS[key])
+    return fixed(PAPER_FIXED_ROUNDS[key])
 
 
 # --------------------------------------------------------------------------------------------
 # learning rate
 
 
-def lr_schedule(lr: float, warmup_steps: int = 0, kind: str = "constant",
-                total_steps: int | None = None, min_lr_ratio: float = 0.0) -> Callable:
-  """lr(step) for 0-based optimizer-schedule steps; works on Python ints and traced arrays.
+def lr_schedule(
+    lr: float,
+    warmup_steps: int = 0,
+    kind: str = "constant",
+    total_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> Callable:
+    """lr(step) for 0-based optimizer-schedule steps; works on Python ints and traced arrays.
 
-  Warmup is linear, lr * (step + 1) / warmup_steps (the first step already moves, unlike HF's
-  schedule that starts at 0). ``cosine`` then decays to ``min_lr_ratio * lr`` at ``total_steps``
-  (half a cosine, as veRL / HF) and holds.
-  """
-  if kind not in ("constant", "cosine"):
-    raise ValueError(f"lr_schedule={kind!r}: allowed ['constant', 'cosine']")
-  if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
-    raise ValueError(f"total_steps={total_steps!r}: cosine needs total_steps > warmup_steps")
+    Warmup is linear, lr * (step + 1) / warmup_steps (the first step already moves, unlike HF's
+    schedule that starts at 0). ``cosine`` then decays to ``min_lr_ratio * lr`` at ``total_steps``
+    (half a cosine, as veRL / HF) and holds.
+    """
+    if kind not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule={kind!r}: allowed ['constant', 'cosine']")
+    if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+        raise ValueError(f"total_steps={total_steps!r}: cosine needs total_steps > warmup_steps")
 
-  def f(step):
-    s = jnp.asarray(step, jnp.float32)
-    warm = jnp.minimum((s + 1.0) / max(warmup_steps, 1), 1.0) if warmup_steps > 0 else 1.0
-    if kind == "constant":
-      return lr * warm
-    prog = jnp.clip((s - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
-    cos = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * prog))
-    return lr * jnp.where(s < warmup_steps, warm, cos)
+    def f(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum((s + 1.0) / max(warmup_steps, 1), 1.0) if warmup_steps > 0 else 1.0
+        if kind == "constant":
+            return lr * warm
+        prog = jnp.clip((s - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+        cos = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * prog))
+        return lr * jnp.where(s < warmup_steps, warm, cos)
 
-  return f
+    return f

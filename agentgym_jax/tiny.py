@@ -31,8 +31,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,248 +66,275 @@ REPLY_RE = re.compile(r"\AThought:\n[^\n]+\n\nAction:\n([^\n]+)\Z")
 
 
 def render_message(role: str, content: str) -> str:
-  return f"{IM_START}{role}\n{content}{IM_END}\n"
+    return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
 def system_text() -> str:
-  return render_message("system", SYSTEM_PROMPT)
+    return render_message("system", SYSTEM_PROMPT)
 
 
 def reply_text(goal: str, action: str) -> str:
-  return f"Thought:\nMy goal is to {goal}. I will {action}.\n\nAction:\n{action}"
+    return f"Thought:\nMy goal is to {goal}. I will {action}.\n\nAction:\n{action}"
 
 
 def offered_actions(observation: str) -> list[str]:
-  """The quoted actions of the observation's last "Available actions: [...]" line."""
-  if "Available actions:" not in observation:
-    return []
-  return re.findall(r'"([^"]+)"', observation.rsplit("Available actions:", 1)[-1])
+    """The quoted actions of the observation's last "Available actions: [...]" line."""
+    if "Available actions:" not in observation:
+        return []
+    return re.findall(r'"([^"]+)"', observation.rsplit("Available actions:", 1)[-1])
 
 
 def parse_goal(observation: str) -> str | None:
-  m = re.search(r"Your goal: ([^\n]+)", observation)
-  return m.group(1).strip() if m else None
+    m = re.search(r"Your goal: ([^\n]+)", observation)
+    return m.group(1).strip() if m else None
 
 
 # -- data ----------------------------------------------------------------------------------------
 def _make_env(levels: Sequence[str]):
-  import envs
+    import envs
 
-  logging.getLogger("minigrid").setLevel(logging.ERROR)
-  return envs.make("babyai", levels=list(levels))
+    logging.getLogger("minigrid").setLevel(logging.ERROR)
+    return envs.make("babyai", levels=list(levels))
 
 
 def _safe_step(env, reply: str):
-  """env.step, with an env exception ending the episode (reported, never fatal for pretraining)."""
-  try:
-    return env.step(reply)
-  except Exception as e:  # noqa: BLE001  (an env bug must not stop data collection)
-    log.debug("env.step raised %r on %r; ending the episode", e, reply)
-    return None
+    """env.step, with an env exception ending the episode (reported, never fatal for pretraining)."""
+    try:
+        return env.step(reply)
+    except Exception as e:  # noqa: BLE001  (an env bug must not stop data collection)
+        log.debug("env.step raised %r on %r; ending the episode", e, reply)
+        return None
 
 
 def random_episode(env, task_id: int, rng: random.Random, max_turns: int) -> dict[str, Any]:
-  """One episode of the uniform-random policy as chat messages (the preamble is implicit)."""
-  obs = env.reset(task_id)
-  goal = parse_goal(obs) or "finish the task"
-  msgs = [{"role": "user", "content": obs}]
-  success, turns = False, 0
-  for _ in range(max_turns):
-    acts = offered_actions(obs)
-    if not acts:
-      break
-    a = rng.choice(acts)
-    reply = reply_text(goal, a)
-    res = _safe_step(env, reply)
-    if res is None:
-      break
-    turns += 1
-    msgs.append({"role": "assistant", "content": reply})
-    msgs.append({"role": "user", "content": res.observation})
-    obs = res.observation
-    if res.reward > 0:
-      success = True
-    if res.done:
-      break
-  # End on an assistant turn's answer: the final observation stays (it carries "completed").
-  return {"task_id": task_id, "messages": msgs, "success": success, "turns": turns}
+    """One episode of the uniform-random policy as chat messages (the preamble is implicit)."""
+    obs = env.reset(task_id)
+    goal = parse_goal(obs) or "finish the task"
+    msgs = [{"role": "user", "content": obs}]
+    success, turns = False, 0
+    for _ in range(max_turns):
+        acts = offered_actions(obs)
+        if not acts:
+            break
+        a = rng.choice(acts)
+        reply = reply_text(goal, a)
+        res = _safe_step(env, reply)
+        if res is None:
+            break
+        turns += 1
+        msgs.append({"role": "assistant", "content": reply})
+        msgs.append({"role": "user", "content": res.observation})
+        obs = res.observation
+        if res.reward > 0:
+            success = True
+        if res.done:
+            break
+    # End on an assistant turn's answer: the final observation stays (it carries "completed").
+    return {"task_id": task_id, "messages": msgs, "success": success, "turns": turns}
 
 
 def collect_transcripts(levels, episodes: int, max_turns: int, seed: int, split: str = "train"):
-  import envs
+    import envs
 
-  env = _make_env(levels)
-  ids = envs.task_ids("babyai", split, levels=list(levels))
-  rng = random.Random(seed)
-  out = [random_episode(env, ids[rng.randrange(len(ids))], rng, max_turns) for _ in range(episodes)]
-  env.close()
-  return out
+    env = _make_env(levels)
+    ids = envs.task_ids("babyai", split, levels=list(levels))
+    rng = random.Random(seed)
+    out = [
+        random_episode(env, ids[rng.randrange(len(ids))], rng, max_turns) for _ in range(episodes)
+    ]
+    env.close()
+    return out
 
 
 def random_baseline(levels, horizon: int, repeats: int = 5, seed: int = 1234) -> dict[str, Any]:
-  """Success of the uniform-random policy within t turns (t = 1..horizon) on the test split."""
-  import envs
+    """Success of the uniform-random policy within t turns (t = 1..horizon) on the test split."""
+    import envs
 
-  env = _make_env(levels)
-  ids = envs.task_ids("babyai", "test", levels=list(levels))
-  rng = random.Random(seed)
-  per_level = {lv: [0] * horizon for lv in levels}
-  n_level = {lv: 0 for lv in levels}
-  for _ in range(repeats):
-    for tid in ids:
-      ep = random_episode(env, tid, rng, horizon)
-      lv = levels[tid % len(levels)]
-      n_level[lv] += 1
-      if ep["success"]:
-        for t in range(ep["turns"] - 1, horizon):
-          per_level[lv][t] += 1
-  env.close()
-  total = [sum(per_level[lv][t] for lv in levels) / sum(n_level.values()) for t in range(horizon)]
-  return {
-      "episodes": sum(n_level.values()),
-      "success_by_turn": [round(x, 3) for x in total],
-      "per_level": {lv: [round(c / n_level[lv], 3) for c in per_level[lv]] for lv in levels},
-  }
+    env = _make_env(levels)
+    ids = envs.task_ids("babyai", "test", levels=list(levels))
+    rng = random.Random(seed)
+    per_level = {lv: [0] * horizon for lv in levels}
+    n_level = {lv: 0 for lv in levels}
+    for _ in range(repeats):
+        for tid in ids:
+            ep = random_episode(env, tid, rng, horizon)
+            lv = levels[tid % len(levels)]
+            n_level[lv] += 1
+            if ep["success"]:
+                for t in range(ep["turns"] - 1, horizon):
+                    per_level[lv][t] += 1
+    env.close()
+    total = [sum(per_level[lv][t] for lv in levels) / sum(n_level.values()) for t in range(horizon)]
+    return {
+        "episodes": sum(n_level.values()),
+        "success_by_turn": [round(x, 3) for x in total],
+        "per_level": {lv: [round(c / n_level[lv], 3) for c in per_level[lv]] for lv in levels},
+    }
 
 
 # -- tokenizer -----------------------------------------------------------------------------------
 def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
-  """Byte-level BPE over whitespace/punctuation pre-tokens, ChatML specials; saved as an HF dir."""
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
+    """Byte-level BPE over whitespace/punctuation pre-tokens, ChatML specials; saved as an HF dir."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(PRETOKEN_RE), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=list(SPECIAL_TOKENS),
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      min_frequency=2,
-      show_progress=False,
-  )
-  # Special tokens are literal text in the rendered chats; train on the text between them.
-  pieces = (p for t in texts for p in re.split("|".join(map(re.escape, SPECIAL_TOKENS)), t) if p)
-  tok.train_from_iterator(pieces, trainer)
-  fast = PreTrainedTokenizerFast(
-      tokenizer_object=tok,
-      eos_token=IM_END,
-      pad_token=EOT,
-      bos_token=None,
-      unk_token=None,
-      additional_special_tokens=[IM_START, IM_END],
-      chat_template=CHAT_TEMPLATE,
-      model_max_length=32768,
-      clean_up_tokenization_spaces=False,
-  )
-  fast.save_pretrained(os.fspath(out_dir))
-  return load_tokenizer(out_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKEN_RE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    # Special tokens are literal text in the rendered chats; train on the text between them.
+    pieces = (p for t in texts for p in re.split("|".join(map(re.escape, SPECIAL_TOKENS)), t) if p)
+    tok.train_from_iterator(pieces, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=EOT,
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(os.fspath(out_dir))
+    return load_tokenizer(out_dir)
 
 
 def load_tokenizer(path: str | os.PathLike = DEFAULT_MODEL_DIR):
-  from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-  return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
 
 
 def encode(tok, text: str) -> list[int]:
-  return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text, add_special_tokens=False)
 
 
 def episode_tokens(tok, instruction: str, ack: str, ep: dict, obs_weight: float):
-  """(ids, weights) for an episode, encoded message by message; weight 0 on the fixed preamble."""
-  pre = system_text() + render_message("user", instruction) + render_message("assistant", ack)
-  ids = encode(tok, pre)
-  w = [0.0] * len(ids)
-  for m in ep["messages"]:
-    piece = encode(tok, render_message(m["role"], m["content"]))
-    ids += piece
-    w += [1.0 if m["role"] == "assistant" else obs_weight] * len(piece)
-  return ids, w
+    """(ids, weights) for an episode, encoded message by message; weight 0 on the fixed preamble."""
+    pre = system_text() + render_message("user", instruction) + render_message("assistant", ack)
+    ids = encode(tok, pre)
+    w = [0.0] * len(ids)
+    for m in ep["messages"]:
+        piece = encode(tok, render_message(m["role"], m["content"]))
+        ids += piece
+        w += [1.0 if m["role"] == "assistant" else obs_weight] * len(piece)
+    return ids, w
 
 
 # -- model and training --------------------------------------------------------------------------
-def tiny_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: int = 4,
-                kv_heads: int = 2, mlp_mult: int = 4, max_len: int = 4096, eos=(2, 0), pad: int = 0):
-  from agentgym_jax.models import ModelConfig
+def tiny_config(
+    vocab_size: int,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    mlp_mult: int = 4,
+    max_len: int = 4096,
+    eos=(2, 0),
+    pad: int = 0,
+):
+    from agentgym_jax.models import ModelConfig
 
-  return ModelConfig(
-      model_type="qwen2",
-      vocab_size=vocab_size,
-      hidden_size=hidden,
-      intermediate_size=mlp_mult * hidden,
-      num_hidden_layers=layers,
-      num_attention_heads=heads,
-      num_key_value_heads=kv_heads,
-      head_dim=hidden // heads,
-      rms_norm_eps=1e-6,
-      rope_theta=10000.0,
-      tie_word_embeddings=True,
-      attention_bias=True,
-      max_position_embeddings=max_len,
-      bos_token_id=None,
-      eos_token_id=list(eos),
-      pad_token_id=pad,
-  )
+    return ModelConfig(
+        model_type="qwen2",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=mlp_mult * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        max_position_embeddings=max_len,
+        bos_token_id=None,
+        eos_token_id=list(eos),
+        pad_token_id=pad,
+    )
 
 
 def _batches(rows, batch: int, seq_len: int, pad_id: int, rng: np.random.Generator):
-  """Endless random batches [B, seq_len + 1] (ids) and [B, seq_len] (target weights)."""
-  n = len(rows)
-  while True:
-    idx = rng.choice(n, size=batch, replace=n < batch)
-    ids = np.full((batch, seq_len + 1), pad_id, np.int32)
-    w = np.zeros((batch, seq_len), np.float32)
-    for b, i in enumerate(idx):
-      r_ids, r_w = rows[i]
-      k = min(len(r_ids), seq_len + 1)
-      ids[b, :k] = r_ids[:k]
-      w[b, : k - 1] = r_w[1:k]  # weight of predicting token t+1
-    yield ids, w
+    """Endless random batches [B, seq_len + 1] (ids) and [B, seq_len] (target weights)."""
+    n = len(rows)
+    while True:
+        idx = rng.choice(n, size=batch, replace=n < batch)
+        ids = np.full((batch, seq_len + 1), pad_id, np.int32)
+        w = np.zeros((batch, seq_len), np.float32)
+        for b, i in enumerate(idx):
+            r_ids, r_w = rows[i]
+            k = min(len(r_ids), seq_len + 1)
+            ids[b, :k] = r_ids[:k]
+            w[b, : k - 1] = r_w[1:k]  # weight of predicting token t+1
+        yield ids, w
 
 
-def train_lm(model, rows, *, steps: int, batch: int, seq_len: int, lr: float, seed: int, pad_id: int,
-             log_every: int = 10):
-  """AdamW next-token training in one jitted step; returns the per-step loss history."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
+def train_lm(
+    model,
+    rows,
+    *,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    lr: float,
+    seed: int,
+    pad_id: int,
+    log_every: int = 10,
+):
+    """AdamW next-token training in one jitted step; returns the per-step loss history."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
 
-  graphdef, params = nnx.split(model)
-  warmup = max(1, min(30, steps // 10))
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.01))
-  opt_state = opt.init(params)
+    graphdef, params = nnx.split(model)
+    warmup = max(1, min(30, steps // 10))
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.01)
+    )
+    opt_state = opt.init(params)
 
-  def loss_fn(p, ids, w):
-    logits = nnx.merge(graphdef, p)(ids[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    def loss_fn(p, ids, w):
+        logits = nnx.merge(graphdef, p)(ids[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+        return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
-  def step(p, s, ids, w):
-    loss, g = jax.value_and_grad(loss_fn)(p, ids, w)
-    upd, s = opt.update(g, s, p)
-    return optax.apply_updates(p, upd), s, loss
+    def step(p, s, ids, w):
+        loss, g = jax.value_and_grad(loss_fn)(p, ids, w)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
 
-  # Params and optimizer state are replaced every step: donate them.
-  step = jax.jit(step, donate_argnums=(0, 1))
-  data = _batches(rows, batch, seq_len, pad_id, np.random.default_rng(seed))
-  losses = []
-  t0 = time.time()
-  for i in range(steps):
-    ids, w = next(data)
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(ids), jnp.asarray(w))
-    if i % log_every == 0 or i == steps - 1:
-      losses_val = float(loss)
-      log.info("pretrain step %d/%d loss %.4f (%.1fs)", i + 1, steps, losses_val, time.time() - t0)
-    losses.append(loss)
-  nnx.update(model, params)
-  return [float(x) for x in losses]
+    # Params and optimizer state are replaced every step: donate them.
+    step = jax.jit(step, donate_argnums=(0, 1))
+    data = _batches(rows, batch, seq_len, pad_id, np.random.default_rng(seed))
+    losses = []
+    t0 = time.time()
+    for i in range(steps):
+        ids, w = next(data)
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(ids), jnp.asarray(w))
+        if i % log_every == 0 or i == steps - 1:
+            losses_val = float(loss)
+            log.info(
+                "pretrain step %d/%d loss %.4f (%.1fs)", i + 1, steps, losses_val, time.time() - t0
+            )
+        losses.append(loss)
+    nnx.update(model, params)
+    return [float(x) for x in losses]
 
 
 def pretrain_tiny(
@@ -329,260 +357,346 @@ def pretrain_tiny(
     baseline_horizon: int = 8,
     baseline_repeats: int = 5,
 ) -> str:
-  """Collect random-policy transcripts, train the tokenizer and the model, save everything.
+    """Collect random-policy transcripts, train the tokenizer and the model, save everything.
 
-  Returns ``out_dir``: an HF directory (config.json, model.safetensors, tokenizer files) plus
-  ``pretrain_info.json`` with the settings, losses and the random-policy baseline.
-  """
-  import envs
-  import jax
-  from flax import nnx
+    Returns ``out_dir``: an HF directory (config.json, model.safetensors, tokenizer files) plus
+    ``pretrain_info.json`` with the settings, losses and the random-policy baseline.
+    """
+    import jax
+    from flax import nnx
 
-  from agentgym_jax.models import Transformer, save_pretrained
+    import envs
+    from agentgym_jax.models import Transformer, save_pretrained
 
-  if episodes < 1 or steps < 1:
-    raise ValueError(f"episodes and steps must be >= 1, got episodes={episodes}, steps={steps}")
-  levels = tuple(levels)
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  t0 = time.time()
-  env = _make_env(levels)
-  instruction, ack = env.instruction(), env.ack
-  env.close()
-  eps = collect_transcripts(levels, episodes, max_turns, seed)
-  t_collect = time.time() - t0
-  log.info("collected %d random episodes in %.1fs", len(eps), t_collect)
+    if episodes < 1 or steps < 1:
+        raise ValueError(f"episodes and steps must be >= 1, got episodes={episodes}, steps={steps}")
+    levels = tuple(levels)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    env = _make_env(levels)
+    instruction, ack = env.instruction(), env.ack
+    env.close()
+    eps = collect_transcripts(levels, episodes, max_turns, seed)
+    t_collect = time.time() - t0
+    log.info("collected %d random episodes in %.1fs", len(eps), t_collect)
 
-  chats = [system_text() + render_message("user", instruction) + render_message("assistant", ack)
-           + "".join(render_message(m["role"], m["content"]) for m in ep["messages"]) for ep in eps]
-  tok = train_tokenizer(chats, vocab_size, out)
-  rows = [episode_tokens(tok, instruction, ack, ep, obs_weight) for ep in eps]
-  n_pre = rows[0][1].index(1.0) if 1.0 in rows[0][1] else len(rows[0][1])
-  if seq_len <= n_pre + 16:
-    raise ValueError(f"seq_len={seq_len} leaves nothing to learn: the fixed preamble alone is "
-                     f"{n_pre} tokens; use seq_len >= {n_pre + 256}")
-  lens = np.array([len(r[0]) for r in rows])
+    chats = [
+        system_text()
+        + render_message("user", instruction)
+        + render_message("assistant", ack)
+        + "".join(render_message(m["role"], m["content"]) for m in ep["messages"])
+        for ep in eps
+    ]
+    tok = train_tokenizer(chats, vocab_size, out)
+    rows = [episode_tokens(tok, instruction, ack, ep, obs_weight) for ep in eps]
+    n_pre = rows[0][1].index(1.0) if 1.0 in rows[0][1] else len(rows[0][1])
+    if seq_len <= n_pre + 16:
+        raise ValueError(
+            f"seq_len={seq_len} leaves nothing to learn: the fixed preamble alone is "
+            f"{n_pre} tokens; use seq_len >= {n_pre + 256}"
+        )
+    lens = np.array([len(r[0]) for r in rows])
 
-  cfg = tiny_config(len(tok), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-                    eos=(tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)),
-                    pad=tok.pad_token_id)
-  model = Transformer(cfg, rngs=nnx.Rngs(seed))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  t1 = time.time()
-  losses = train_lm(model, rows, steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed,
-                    pad_id=tok.pad_token_id)
-  t_train = time.time() - t1
-  save_pretrained(model, out)
+    cfg = tiny_config(
+        len(tok),
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        eos=(tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)),
+        pad=tok.pad_token_id,
+    )
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    t1 = time.time()
+    losses = train_lm(
+        model,
+        rows,
+        steps=steps,
+        batch=batch,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        pad_id=tok.pad_token_id,
+    )
+    t_train = time.time() - t1
+    save_pretrained(model, out)
 
-  baseline = random_baseline(levels, baseline_horizon, baseline_repeats, seed=seed + 1)
-  preamble_ids = encode(tok, system_text() + render_message("user", instruction)
-                        + render_message("assistant", ack))
-  info = {
-      "levels": list(levels),
-      "settings": dict(episodes=episodes, steps=steps, seed=seed, max_turns=max_turns,
-                       vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
-                       kv_heads=kv_heads, batch=batch, seq_len=seq_len, lr=lr,
-                       obs_weight=obs_weight),
-      "reply_format": reply_text("<goal>", "<action>"),
-      "loss": "next-token CE on all tokens after the fixed system+instruction+ack preamble "
-              f"(assistant weight 1, observation weight {obs_weight})",
-      "vocab_size": len(tok),
-      "n_params": n_params,
-      "instruction_tokens": len(encode(tok, instruction)),
-      "preamble_tokens": len(preamble_ids),
-      "episode_tokens": {"mean": float(lens.mean()), "p90": float(np.percentile(lens, 90)),
-                         "max": int(lens.max())},
-      "train_random_success": float(np.mean([e["success"] for e in eps])),
-      "loss_first": losses[0],
-      "loss_last10": float(np.mean(losses[-10:])),
-      "random_baseline_test": baseline,
-      "stop_token_id": tok.convert_tokens_to_ids(IM_END),
-      "seconds": {"collect": round(t_collect, 1), "train": round(t_train, 1),
-                  "total": round(time.time() - t0, 1)},
-      "env_package": getattr(envs, "__name__", "envs"),
-  }
-  with open(out / "pretrain_info.json", "w") as f:
-    json.dump(info, f, indent=2)
-  log.info("saved tiny model to %s (loss %.3f -> %.3f, %d params)", out, losses[0],
-           info["loss_last10"], n_params)
-  return os.fspath(out)
+    baseline = random_baseline(levels, baseline_horizon, baseline_repeats, seed=seed + 1)
+    preamble_ids = encode(
+        tok, system_text() + render_message("user", instruction) + render_message("assistant", ack)
+    )
+    info = {
+        "levels": list(levels),
+        "settings": dict(
+            episodes=episodes,
+            steps=steps,
+            seed=seed,
+            max_turns=max_turns,
+            vocab_size=vocab_size,
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            kv_heads=kv_heads,
+            batch=batch,
+            seq_len=seq_len,
+            lr=lr,
+            obs_weight=obs_weight,
+        ),
+        "reply_format": reply_text("<goal>", "<action>"),
+        "loss": "next-token CE on all tokens after the fixed system+instruction+ack preamble "
+        f"(assistant weight 1, observation weight {obs_weight})",
+        "vocab_size": len(tok),
+        "n_params": n_params,
+        "instruction_tokens": len(encode(tok, instruction)),
+        "preamble_tokens": len(preamble_ids),
+        "episode_tokens": {
+            "mean": float(lens.mean()),
+            "p90": float(np.percentile(lens, 90)),
+            "max": int(lens.max()),
+        },
+        "train_random_success": float(np.mean([e["success"] for e in eps])),
+        "loss_first": losses[0],
+        "loss_last10": float(np.mean(losses[-10:])),
+        "random_baseline_test": baseline,
+        "stop_token_id": tok.convert_tokens_to_ids(IM_END),
+        "seconds": {
+            "collect": round(t_collect, 1),
+            "train": round(t_train, 1),
+            "total": round(time.time() - t0, 1),
+        },
+        "env_package": getattr(envs, "__name__", "envs"),
+    }
+    with open(out / "pretrain_info.json", "w") as f:
+        json.dump(info, f, indent=2)
+    log.info(
+        "saved tiny model to %s (loss %.3f -> %.3f, %d params)",
+        out,
+        losses[0],
+        info["loss_last10"],
+        n_params,
+    )
+    return os.fspath(out)
 
 
 # -- sampling (sanity check only; the real engine lives in agentgym_jax.engine) --------------------
 class _Sampler:
-  """KV-cached batched sampler: prefill a per-row token delta, then decode up to ``max_new``."""
+    """KV-cached batched sampler: prefill a per-row token delta, then decode up to ``max_new``."""
 
-  def __init__(self, model, max_len: int, batch: int, seed: int):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    def __init__(self, model, max_len: int, batch: int, seed: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
 
-    from agentgym_jax.models import KVCache
+        from agentgym_jax.models import KVCache
 
-    self.graphdef, self.params = nnx.split(model)
-    self.cache = KVCache.zeros(model.config, batch, max_len)
-    self.index = np.zeros(batch, np.int32)
-    self.key = jax.random.key(seed)
-    graphdef = self.graphdef
+        self.graphdef, self.params = nnx.split(model)
+        self.cache = KVCache.zeros(model.config, batch, max_len)
+        self.index = np.zeros(batch, np.int32)
+        self.key = jax.random.key(seed)
+        graphdef = self.graphdef
 
-    def prefill(p, cache, ids, index, n):
-      m = nnx.merge(graphdef, p)
-      logits, cache = m(ids, cache=cache, cache_index=index)
-      last = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
-      return last, cache
+        def prefill(p, cache, ids, index, n):
+            m = nnx.merge(graphdef, p)
+            logits, cache = m(ids, cache=cache, cache_index=index)
+            last = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+            return last, cache
 
-    def decode(p, cache, logits, index, key, temperature, steps):
-      m = nnx.merge(graphdef, p)
+        def decode(p, cache, logits, index, key, temperature, steps):
+            m = nnx.merge(graphdef, p)
 
-      def body(carry, _):
-        cache, logits, index, key = carry
-        key, sub = jax.random.split(key)
-        tok = jax.random.categorical(sub, logits / temperature, axis=-1).astype(jnp.int32)
-        nl, cache = m(tok[:, None], cache=cache, cache_index=index)
-        return (cache, nl[:, 0], index + 1, key), tok
+            def body(carry, _):
+                cache, logits, index, key = carry
+                key, sub = jax.random.split(key)
+                tok = jax.random.categorical(sub, logits / temperature, axis=-1).astype(jnp.int32)
+                nl, cache = m(tok[:, None], cache=cache, cache_index=index)
+                return (cache, nl[:, 0], index + 1, key), tok
 
-      (cache, _, _, key), toks = jax.lax.scan(body, (cache, logits, index, key), None, length=steps)
-      return toks.T, cache, key
+            (cache, _, _, key), toks = jax.lax.scan(
+                body, (cache, logits, index, key), None, length=steps
+            )
+            return toks.T, cache, key
 
-    self._prefill = jax.jit(prefill, donate_argnums=(1,))
-    self._decode = jax.jit(decode, static_argnums=(6,), donate_argnums=(1,))
+        self._prefill = jax.jit(prefill, donate_argnums=(1,))
+        self._decode = jax.jit(decode, static_argnums=(6,), donate_argnums=(1,))
 
-  def generate(self, deltas: list[list[int]], max_new: int, temperature: float, stop_id: int):
-    """Append each row's delta (empty = inactive row) and sample a reply; returns token lists."""
-    import jax.numpy as jnp
+    def generate(self, deltas: list[list[int]], max_new: int, temperature: float, stop_id: int):
+        """Append each row's delta (empty = inactive row) and sample a reply; returns token lists."""
+        import jax.numpy as jnp
 
-    b = len(deltas)
-    width = max(64, -(-max(len(d) for d in deltas) // 64) * 64)  # bucketed: few compiles
-    ids = np.zeros((b, width), np.int32)
-    n = np.array([len(d) for d in deltas], np.int32)
-    for i, d in enumerate(deltas):
-      ids[i, : len(d)] = d
-    logits, self.cache = self._prefill(self.params, self.cache, jnp.asarray(ids),
-                                       jnp.asarray(self.index), jnp.asarray(n))
-    self.index = self.index + n
-    toks, self.cache, self.key = self._decode(self.params, self.cache, logits,
-                                              jnp.asarray(self.index), self.key,
-                                              float(temperature), int(max_new))
-    toks = np.asarray(toks)
-    out = []
-    for i in range(b):
-      row = list(toks[i])
-      if stop_id in row:
-        row = row[: row.index(stop_id) + 1]
-      out.append(row if n[i] else [])
-      self.index[i] += len(out[-1])
-    return out
+        b = len(deltas)
+        width = max(64, -(-max(len(d) for d in deltas) // 64) * 64)  # bucketed: few compiles
+        ids = np.zeros((b, width), np.int32)
+        n = np.array([len(d) for d in deltas], np.int32)
+        for i, d in enumerate(deltas):
+            ids[i, : len(d)] = d
+        logits, self.cache = self._prefill(
+            self.params, self.cache, jnp.asarray(ids), jnp.asarray(self.index), jnp.asarray(n)
+        )
+        self.index = self.index + n
+        toks, self.cache, self.key = self._decode(
+            self.params,
+            self.cache,
+            logits,
+            jnp.asarray(self.index),
+            self.key,
+            float(temperature),
+            int(max_new),
+        )
+        toks = np.asarray(toks)
+        out = []
+        for i in range(b):
+            row = list(toks[i])
+            if stop_id in row:
+                row = row[: row.index(stop_id) + 1]
+            out.append(row if n[i] else [])
+            self.index[i] += len(out[-1])
+        return out
 
 
-def evaluate_model(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, levels=DEFAULT_LEVELS,
-                   horizon: int = 8, repeats: int = 2, max_new: int = 48, temperature: float = 1.0,
-                   seed: int = 0, max_len: int = 2048) -> dict[str, Any]:
-  """Play the test split with the model sampled at ``temperature``; format validity + success.
+def evaluate_model(
+    model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
+    *,
+    levels=DEFAULT_LEVELS,
+    horizon: int = 8,
+    repeats: int = 2,
+    max_new: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_len: int = 2048,
+) -> dict[str, Any]:
+    """Play the test split with the model sampled at ``temperature``; format validity + success.
 
-  A reply is well formed when it is exactly "Thought:\\n<line>\\n\\nAction:\\n<line>" ended by
-  <|im_end|> within ``max_new`` tokens, and valid when its action is one the observation offers.
-  """
-  import envs
+    A reply is well formed when it is exactly "Thought:\\n<line>\\n\\nAction:\\n<line>" ended by
+    <|im_end|> within ``max_new`` tokens, and valid when its action is one the observation offers.
+    """
+    import envs
+    from agentgym_jax.models import from_pretrained
 
-  from agentgym_jax.models import from_pretrained
-
-  levels = tuple(levels)
-  tok = load_tokenizer(model_dir)
-  model = from_pretrained(model_dir)
-  stop = tok.convert_tokens_to_ids(IM_END)
-  ids = envs.task_ids("babyai", "test", levels=list(levels)) * repeats
-  pool = [_make_env(levels) for _ in ids]
-  sampler = _Sampler(model, max_len, len(ids), seed)
-  obs = [e.reset(t) for e, t in zip(pool, ids)]
-  deltas = [tok.apply_chat_template(envs.initial_messages(e, o), tokenize=True,
-                                    add_generation_prompt=True, return_dict=False)
-            for e, o in zip(pool, obs)]
-  prompt_len = len(deltas[0])
-  alive = [True] * len(ids)
-  succ_turn = [None] * len(ids)
-  n_replies = n_format = n_valid = n_truncated = 0
-  examples = []
-  t0 = time.time()
-  for turn in range(horizon):
-    outs = sampler.generate([d if a else [] for d, a in zip(deltas, alive)], max_new, temperature, stop)
-    for i, row in enumerate(outs):
-      if not alive[i]:
-        deltas[i] = []
-        continue
-      ended = bool(row) and row[-1] == stop
-      text = tok.decode(row[:-1] if ended else row)
-      n_replies += 1
-      n_truncated += not ended
-      m = REPLY_RE.match(text)
-      n_format += bool(m and ended)
-      n_valid += bool(m and ended and m.group(1).strip() in offered_actions(obs[i]))
-      if len(examples) < 3 and i % 7 == 0:
-        examples.append(text)
-      res = _safe_step(pool[i], text)
-      if res is None:
-        alive[i] = False
-        continue
-      if res.reward > 0:
-        succ_turn[i] = turn + 1
-      if res.done or res.reward > 0 or sampler.index[i] + 400 > max_len:
-        alive[i] = False
-      obs[i] = res.observation
-      closing = [] if ended else [stop]
-      deltas[i] = closing + encode(tok, "\n" + render_message("user", res.observation)
-                                   + f"{IM_START}assistant\n")
-    if not any(alive):
-      break
-  for e in pool:
-    e.close()
-  n = len(ids)
-  by_turn = [round(sum(1 for s in succ_turn if s is not None and s <= t) / n, 3)
-             for t in range(1, horizon + 1)]
-  return {
-      "episodes": n,
-      "horizon": horizon,
-      "temperature": temperature,
-      "success_by_turn": by_turn,
-      "replies": n_replies,
-      "well_formed": round(n_format / max(n_replies, 1), 3),
-      "valid_action": round(n_valid / max(n_replies, 1), 3),
-      "truncated": round(n_truncated / max(n_replies, 1), 3),
-      "prompt_tokens": prompt_len,
-      "seconds": round(time.time() - t0, 1),
-      "examples": examples,
-  }
+    levels = tuple(levels)
+    tok = load_tokenizer(model_dir)
+    model = from_pretrained(model_dir)
+    stop = tok.convert_tokens_to_ids(IM_END)
+    ids = envs.task_ids("babyai", "test", levels=list(levels)) * repeats
+    pool = [_make_env(levels) for _ in ids]
+    sampler = _Sampler(model, max_len, len(ids), seed)
+    obs = [e.reset(t) for e, t in zip(pool, ids)]
+    deltas = [
+        tok.apply_chat_template(
+            envs.initial_messages(e, o),
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for e, o in zip(pool, obs)
+    ]
+    prompt_len = len(deltas[0])
+    alive = [True] * len(ids)
+    succ_turn = [None] * len(ids)
+    n_replies = n_format = n_valid = n_truncated = 0
+    examples = []
+    t0 = time.time()
+    for turn in range(horizon):
+        outs = sampler.generate(
+            [d if a else [] for d, a in zip(deltas, alive)], max_new, temperature, stop
+        )
+        for i, row in enumerate(outs):
+            if not alive[i]:
+                deltas[i] = []
+                continue
+            ended = bool(row) and row[-1] == stop
+            text = tok.decode(row[:-1] if ended else row)
+            n_replies += 1
+            n_truncated += not ended
+            m = REPLY_RE.match(text)
+            n_format += bool(m and ended)
+            n_valid += bool(m and ended and m.group(1).strip() in offered_actions(obs[i]))
+            if len(examples) < 3 and i % 7 == 0:
+                examples.append(text)
+            res = _safe_step(pool[i], text)
+            if res is None:
+                alive[i] = False
+                continue
+            if res.reward > 0:
+                succ_turn[i] = turn + 1
+            if res.done or res.reward > 0 or sampler.index[i] + 400 > max_len:
+                alive[i] = False
+            obs[i] = res.observation
+            closing = [] if ended else [stop]
+            deltas[i] = closing + encode(
+                tok, "\n" + render_message("user", res.observation) + f"{IM_START}assistant\n"
+            )
+        if not any(alive):
+            break
+    for e in pool:
+        e.close()
+    n = len(ids)
+    by_turn = [
+        round(sum(1 for s in succ_turn if s is not None and s <= t) / n, 3)
+        for t in range(1, horizon + 1)
+    ]
+    return {
+        "episodes": n,
+        "horizon": horizon,
+        "temperature": temperature,
+        "success_by_turn": by_turn,
+        "replies": n_replies,
+        "well_formed": round(n_format / max(n_replies, 1), 3),
+        "valid_action": round(n_valid / max(n_replies, 1), 3),
+        "truncated": round(n_truncated / max(n_replies, 1), 3),
+        "prompt_tokens": prompt_len,
+        "seconds": round(time.time() - t0, 1),
+        "examples": examples,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="agentgym-jax pretrain-tiny", description=__doc__.split("\n\n")[0])
-  p.add_argument("--output-dir", required=True, help="directory to write the HF model + tokenizer")
-  p.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), help="BabyAI levels")
-  p.add_argument("--episodes", type=int, default=2000, help="random-policy episodes to collect")
-  p.add_argument("--steps", type=int, default=600, help="AdamW steps")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-turns", type=int, default=6, help="turn limit of collected episodes")
-  p.add_argument("--vocab-size", type=int, default=1024)
-  p.add_argument("--hidden", type=int, default=128)
-  p.add_argument("--layers", type=int, default=3)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq-len", type=int, default=1024)
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--eval", action="store_true", help="also sample the model on the test split")
-  a = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  path = pretrain_tiny(a.output_dir, levels=a.levels, episodes=a.episodes, steps=a.steps,
-                       seed=a.seed, max_turns=a.max_turns, vocab_size=a.vocab_size,
-                       hidden=a.hidden, layers=a.layers, batch=a.batch, seq_len=a.seq_len, lr=a.lr)
-  if a.eval:
-    res = evaluate_model(path, levels=a.levels)
-    with open(os.path.join(path, "pretrain_info.json")) as f:
-      info = json.load(f)
-    info["base_model_eval"] = res
-    with open(os.path.join(path, "pretrain_info.json"), "w") as f:
-      json.dump(info, f, indent=2)
-    print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
-  print(path)
-  return 0
+    p = argparse.ArgumentParser(
+        prog="agentgym-jax pretrain-tiny", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--output-dir", required=True, help="directory to write the HF model + tokenizer"
+    )
+    p.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), help="BabyAI levels")
+    p.add_argument("--episodes", type=int, default=2000, help="random-policy episodes to collect")
+    p.add_argument("--steps", type=int, default=600, help="AdamW steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-turns", type=int, default=6, help="turn limit of collected episodes")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval", action="store_true", help="also sample the model on the test split")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    path = pretrain_tiny(
+        a.output_dir,
+        levels=a.levels,
+        episodes=a.episodes,
+        steps=a.steps,
+        seed=a.seed,
+        max_turns=a.max_turns,
+        vocab_size=a.vocab_size,
+        hidden=a.hidden,
+        layers=a.layers,
+        batch=a.batch,
+        seq_len=a.seq_len,
+        lr=a.lr,
+    )
+    if a.eval:
+        res = evaluate_model(path, levels=a.levels)
+        with open(os.path.join(path, "pretrain_info.json")) as f:
+            info = json.load(f)
+        info["base_model_eval"] = res
+        with open(os.path.join(path, "pretrain_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
+    print(path)
+    return 0
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+    raise SystemExit(main())

@@ -21,27 +21,29 @@ BENCH_QWEN2 = dict(
 
 
 def make_bench_model_dir(path: str | None = None, seed: int = 0):
-  """Save a random benchmark Qwen2 with transformers; returns (dir, torch model)."""
-  import torch
-  import transformers
+    """Save a random benchmark Qwen2 with transformers; returns (dir, torch model)."""
+    import torch
+    import transformers
 
-  path = path or tempfile.mkdtemp(prefix="agentgym_bench_")
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**BENCH_QWEN2)).eval()
-  model.save_pretrained(path)
-  return path, model
+    path = path or tempfile.mkdtemp(prefix="agentgym_bench_")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen2Config(**BENCH_QWEN2)
+    ).eval()
+    model.save_pretrained(path)
+    return path, model
 
 
 def best_of(fn, repeats: int = 3) -> float:
-  """Best wall time of ``fn()`` over ``repeats`` runs (fn must block until done)."""
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+    """Best wall time of ``fn()`` over ``repeats`` runs (fn must block until done)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def emit(name: str, result: dict) -> None:
-  result = {"bench": name, "threads": os.cpu_count(), **result}
-  print(json.dumps(result, indent=2))
+    result = {"bench": name, "threads": os.cpu_count(), **result}
+    print(json.dumps(result, indent=2))

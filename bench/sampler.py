@@ -31,131 +31,162 @@ from agentgym_jax.models import from_pretrained  # noqa: E402
 
 BATCH, PROMPT, NEW = 16, 64, 128
 TURNS, OBS, ACT = 10, 200, 32
-CFG = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+CFG = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 
 def make_model(path):
-  import torch
-  import transformers
+    import torch
+    import transformers
 
-  torch.manual_seed(0)
-  hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**CFG)).eval()
-  hf.save_pretrained(path)
-  return hf
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**CFG)).eval()
+    hf.save_pretrained(path)
+    return hf
 
 
 def timed(fn):
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def bench_hf(hf, prompts):
-  import torch
+    import torch
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  ids = torch.tensor(prompts)
-  kw = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
-  gen = lambda x, n: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, **kw)
-  with torch.no_grad():
-    gen(ids[:2], 4)  # warm-up
-    t = timed(lambda: gen(ids, NEW))
-  return BATCH * NEW / t
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+    gen = lambda x, n: hf.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, **kw
+    )
+    with torch.no_grad():
+        gen(ids[:2], 4)  # warm-up
+        t = timed(lambda: gen(ids, NEW))
+    return BATCH * NEW / t
 
 
 def bench_ours(model, prompts):
-  eng = Engine(model, EngineConfig(num_slots=BATCH, max_len=PROMPT + NEW, prefill_buckets=(PROMPT,),
-                                   decode_chunk=NEW))
-  slots = list(range(BATCH))
+    eng = Engine(
+        model,
+        EngineConfig(
+            num_slots=BATCH, max_len=PROMPT + NEW, prefill_buckets=(PROMPT,), decode_chunk=NEW
+        ),
+    )
+    slots = list(range(BATCH))
 
-  def run():
-    eng.prefill(slots, prompts, temperature=0.0)
-    out = eng.generate_turn(slots, NEW)
-    assert all(len(out[s].tokens) == NEW for s in slots)
-    eng.release(slots)
+    def run():
+        eng.prefill(slots, prompts, temperature=0.0)
+        out = eng.generate_turn(slots, NEW)
+        assert all(len(out[s].tokens) == NEW for s in slots)
+        eng.release(slots)
 
-  run()  # compile
-  t_prefill = timed(lambda: (eng.prefill(slots, prompts, temperature=0.0), eng.release(slots)))
-  t = timed(run)
-  return BATCH * NEW / t, t - t_prefill
+    run()  # compile
+    t_prefill = timed(lambda: (eng.prefill(slots, prompts, temperature=0.0), eng.release(slots)))
+    t = timed(run)
+    return BATCH * NEW / t, t - t_prefill
 
 
 def episodes(model, use_append, rng):
-  max_len = TURNS * (OBS + ACT) + 64
-  eng = Engine(model, EngineConfig(num_slots=BATCH, max_len=max_len, prefill_buckets=(256, 1024),
-                                   decode_chunk=ACT))
-  slots = list(range(BATCH))
-  # Warm every shape used below: both buckets (a chunked write) and the decode loop.
-  eng.prefill([0], [[1] * 1100])
-  eng.generate_turn([0], 2)
-  eng.release([0])
-  obs = [[rng.integers(1, 8192, OBS).tolist() for _ in slots] for _ in range(TURNS)]
+    max_len = TURNS * (OBS + ACT) + 64
+    eng = Engine(
+        model,
+        EngineConfig(
+            num_slots=BATCH, max_len=max_len, prefill_buckets=(256, 1024), decode_chunk=ACT
+        ),
+    )
+    slots = list(range(BATCH))
+    # Warm every shape used below: both buckets (a chunked write) and the decode loop.
+    eng.prefill([0], [[1] * 1100])
+    eng.generate_turn([0], 2)
+    eng.release([0])
+    obs = [[rng.integers(1, 8192, OBS).tolist() for _ in slots] for _ in range(TURNS)]
 
-  def run():
-    hist = [list(o) for o in obs[0]]
-    eng.prefill(slots, hist, temperature=1.0)
-    for turn in range(TURNS):
-      res = eng.generate_turn(slots, ACT)
-      for s in slots:
-        hist[s] += res[s].tokens
-      if turn + 1 == TURNS:
-        break
-      nxt = obs[turn + 1]
-      if use_append:
-        eng.append(slots, nxt)
-      else:
+    def run():
+        hist = [list(o) for o in obs[0]]
+        eng.prefill(slots, hist, temperature=1.0)
+        for turn in range(TURNS):
+            res = eng.generate_turn(slots, ACT)
+            for s in slots:
+                hist[s] += res[s].tokens
+            if turn + 1 == TURNS:
+                break
+            nxt = obs[turn + 1]
+            if use_append:
+                eng.append(slots, nxt)
+            else:
+                eng.release(slots)
+                eng.prefill(slots, [h + o for h, o in zip(hist, nxt)], temperature=1.0)
+            for s in slots:
+                hist[s] += nxt[s]
         eng.release(slots)
-        eng.prefill(slots, [h + o for h, o in zip(hist, nxt)], temperature=1.0)
-      for s in slots:
-        hist[s] += nxt[s]
-    eng.release(slots)
 
-  return timed(run), eng.num_compiles
+    return timed(run), eng.num_compiles
 
 
 def matmul_flops():
-  n = 1024
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  reps = 20
-  t = timed(lambda: [f(a) for _ in range(reps)][-1].block_until_ready())
-  return 2 * n**3 * reps / t
+    n = 1024
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps = 20
+    t = timed(lambda: [f(a) for _ in range(reps)][-1].block_until_ready())
+    return 2 * n**3 * reps / t
 
 
 def decode_flops_per_token(ctx):
-  h, m, layers, v = CFG["hidden_size"], CFG["intermediate_size"], CFG["num_hidden_layers"], CFG["vocab_size"]
-  kv = h // CFG["num_attention_heads"] * CFG["num_key_value_heads"]
-  weights = layers * (2 * h * h + 2 * h * kv + 3 * h * m) + h * v
-  attention = layers * 2 * 2 * ctx * h  # q.k and p.v over the live context
-  return 2 * weights + attention
+    h, m, layers, v = (
+        CFG["hidden_size"],
+        CFG["intermediate_size"],
+        CFG["num_hidden_layers"],
+        CFG["vocab_size"],
+    )
+    kv = h // CFG["num_attention_heads"] * CFG["num_key_value_heads"]
+    weights = layers * (2 * h * h + 2 * h * kv + 3 * h * m) + h * v
+    attention = layers * 2 * 2 * ctx * h  # q.k and p.v over the live context
+    return 2 * weights + attention
 
 
 def main():
-  with tempfile.TemporaryDirectory() as d:
-    hf = make_model(d)
-    model = from_pretrained(d)
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(1, CFG["vocab_size"], (BATCH, PROMPT)).tolist()
-    hf_tps = bench_hf(hf, prompts)
-    ours_tps, t_decode = bench_ours(model, prompts)
-    t_append, compiles_append = episodes(model, True, np.random.default_rng(1))
-    t_reprefill, compiles_re = episodes(model, False, np.random.default_rng(1))
-    peak = matmul_flops()
-    mean_ctx = PROMPT + NEW / 2
-    achieved = BATCH * NEW * decode_flops_per_token(mean_ctx) / t_decode
-  print(json.dumps(dict(
-      device=str(jax.devices()[0].platform), cpu_count=os.cpu_count(),
-      hf_new_tokens_per_s=round(hf_tps, 1), ours_new_tokens_per_s=round(ours_tps, 1),
-      vs_hf_generate=round(ours_tps / hf_tps, 2),
-      append_episode_s=round(t_append, 2), reprefill_episode_s=round(t_reprefill, 2),
-      append_vs_reprefill=round(t_reprefill / t_append, 2),
-      compiles_append=compiles_append, compiles_reprefill=compiles_re,
-      decode_gflops=round(achieved / 1e9, 2), matmul_gflops=round(peak / 1e9, 2),
-      roofline_fraction=round(achieved / peak, 3),
-  )))
+    with tempfile.TemporaryDirectory() as d:
+        hf = make_model(d)
+        model = from_pretrained(d)
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(1, CFG["vocab_size"], (BATCH, PROMPT)).tolist()
+        hf_tps = bench_hf(hf, prompts)
+        ours_tps, t_decode = bench_ours(model, prompts)
+        t_append, compiles_append = episodes(model, True, np.random.default_rng(1))
+        t_reprefill, compiles_re = episodes(model, False, np.random.default_rng(1))
+        peak = matmul_flops()
+        mean_ctx = PROMPT + NEW / 2
+        achieved = BATCH * NEW * decode_flops_per_token(mean_ctx) / t_decode
+    print(
+        json.dumps(
+            dict(
+                device=str(jax.devices()[0].platform),
+                cpu_count=os.cpu_count(),
+                hf_new_tokens_per_s=round(hf_tps, 1),
+                ours_new_tokens_per_s=round(ours_tps, 1),
+                vs_hf_generate=round(ours_tps / hf_tps, 2),
+                append_episode_s=round(t_append, 2),
+                reprefill_episode_s=round(t_reprefill, 2),
+                append_vs_reprefill=round(t_reprefill / t_append, 2),
+                compiles_append=compiles_append,
+                compiles_reprefill=compiles_re,
+                decode_gflops=round(achieved / 1e9, 2),
+                matmul_gflops=round(peak / 1e9, 2),
+                roofline_fraction=round(achieved / peak, 3),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":
-  main()
+    main()

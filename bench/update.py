@@ -26,127 +26,169 @@ from flax import nnx  # noqa: E402
 
 from agentgym_jax import sharding as sh  # noqa: E402
 from agentgym_jax.models import ModelConfig, Transformer  # noqa: E402
-from agentgym_jax.rl import (ActorConfig, compute_logprobs, init_train_state,  # noqa: E402
-                             make_actor_optimizer, make_actor_update)
+from agentgym_jax.rl import (
+    ActorConfig,
+    compute_logprobs,
+    init_train_state,  # noqa: E402
+    make_actor_optimizer,
+    make_actor_update,
+)
 
-HF_CFG = dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=1024,
-              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-              tie_word_embeddings=False)
+HF_CFG = dict(
+    model_type="qwen2",
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 
 
 def make_batch(b, t, vocab, seed=0):
-  rng = np.random.default_rng(seed)
-  attn = np.ones((b, t), np.int32)
-  lengths = rng.integers(t * 3 // 4, t + 1, b)
-  for i, n in enumerate(lengths):
-    attn[i, n:] = 0
-  loss = attn.copy()
-  loss[:, :64] = 0  # prompt
-  for start in range(128, t, 128):  # env turns between model turns
-    loss[:, start:start + 32] = 0
-  ids = rng.integers(0, vocab, (b, t)).astype(np.int32) * attn
-  adv = np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32) * loss
-  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "advantages": adv}
+    rng = np.random.default_rng(seed)
+    attn = np.ones((b, t), np.int32)
+    lengths = rng.integers(t * 3 // 4, t + 1, b)
+    for i, n in enumerate(lengths):
+        attn[i, n:] = 0
+    loss = attn.copy()
+    loss[:, :64] = 0  # prompt
+    for start in range(128, t, 128):  # env turns between model turns
+        loss[:, start : start + 32] = 0
+    ids = rng.integers(0, vocab, (b, t)).astype(np.int32) * attn
+    adv = np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32) * loss
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "advantages": adv}
 
 
 def bench_jax(cfg: ActorConfig, batch, steps):
-  mcfg = ModelConfig.from_hf_dict(HF_CFG)
-  mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=-1, tensor=1))
-  state = init_train_state(Transformer(mcfg, rngs=nnx.Rngs(0)), make_actor_optimizer(cfg), mesh)
-  lp, _ = compute_logprobs(state.graphdef, state.params, batch, micro_batch_size=cfg.micro_batch_size)
-  lp = np.asarray(lp)
-  batch = dict(batch, old_logprobs=lp * batch["loss_mask"], ref_logprobs=lp * batch["loss_mask"])
-  upd = make_actor_update(cfg, mesh, state)
-  t0 = time.perf_counter()
-  state, m = upd(state, batch, jax.random.key(0))
-  jax.block_until_ready(m)
-  first = time.perf_counter() - t0
-  times = []
-  for i in range(steps):
+    mcfg = ModelConfig.from_hf_dict(HF_CFG)
+    mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=-1, tensor=1))
+    state = init_train_state(Transformer(mcfg, rngs=nnx.Rngs(0)), make_actor_optimizer(cfg), mesh)
+    lp, _ = compute_logprobs(
+        state.graphdef, state.params, batch, micro_batch_size=cfg.micro_batch_size
+    )
+    lp = np.asarray(lp)
+    batch = dict(batch, old_logprobs=lp * batch["loss_mask"], ref_logprobs=lp * batch["loss_mask"])
+    upd = make_actor_update(cfg, mesh, state)
     t0 = time.perf_counter()
-    state, m = upd(state, batch, jax.random.key(i + 1))
-    jax.block_until_ready((state.params, m))
-    times.append(time.perf_counter() - t0)
-  return first, times, {k: float(v) for k, v in m.items()}, batch
+    state, m = upd(state, batch, jax.random.key(0))
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, m = upd(state, batch, jax.random.key(i + 1))
+        jax.block_until_ready((state.params, m))
+        times.append(time.perf_counter() - t0)
+    return first, times, {k: float(v) for k, v in m.items()}, batch
 
 
 def bench_torch(cfg: ActorConfig, batch, steps):
-  import torch
-  from transformers import Qwen2Config, Qwen2ForCausalLM
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-  torch.manual_seed(0)
-  model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in HF_CFG.items() if k != "model_type"}))
-  opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                          weight_decay=cfg.weight_decay)
-  tb = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
-  n_tok = tb["loss_mask"].float().sum()
-  mb = cfg.micro_batch_size
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in HF_CFG.items() if k != "model_type"}))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    tb = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
+    n_tok = tb["loss_mask"].float().sum()
+    mb = cfg.micro_batch_size
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    for s in range(0, tb["input_ids"].shape[0], mb):
-      x = {k: v[s:s + mb] for k, v in tb.items()}
-      logits = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits.float()
-      logits = logits[:, :-1]
-      logp_all = torch.log_softmax(logits, -1)
-      logp = torch.gather(logp_all, -1, x["input_ids"][:, 1:, None].long())[..., 0]
-      ent = -(logp_all.exp() * logp_all).sum(-1)
-      m = x["loss_mask"][:, 1:].float()
-      old, ref, adv = x["old_logprobs"][:, 1:], x["ref_logprobs"][:, 1:], x["advantages"][:, 1:]
-      ratio = torch.exp(torch.clamp(logp - old, -20, 20))
-      l1, l2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
-      c1 = torch.maximum(l1, l2)
-      pg = torch.where(adv < 0, torch.minimum(-adv * cfg.clip_ratio_c, c1), c1)
-      kl = torch.clamp(torch.exp(ref - logp) - (ref - logp) - 1, -10, 10)
-      per_tok = pg - cfg.entropy_coeff * ent + cfg.kl_loss_coef * kl
-      ((per_tok * m).sum() / n_tok).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, tb["input_ids"].shape[0], mb):
+            x = {k: v[s : s + mb] for k, v in tb.items()}
+            logits = model(
+                input_ids=x["input_ids"], attention_mask=x["attention_mask"]
+            ).logits.float()
+            logits = logits[:, :-1]
+            logp_all = torch.log_softmax(logits, -1)
+            logp = torch.gather(logp_all, -1, x["input_ids"][:, 1:, None].long())[..., 0]
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            m = x["loss_mask"][:, 1:].float()
+            old, ref, adv = (
+                x["old_logprobs"][:, 1:],
+                x["ref_logprobs"][:, 1:],
+                x["advantages"][:, 1:],
+            )
+            ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+            l1, l2 = (
+                -adv * ratio,
+                -adv * torch.clamp(ratio, 1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high),
+            )
+            c1 = torch.maximum(l1, l2)
+            pg = torch.where(adv < 0, torch.minimum(-adv * cfg.clip_ratio_c, c1), c1)
+            kl = torch.clamp(torch.exp(ref - logp) - (ref - logp) - 1, -10, 10)
+            per_tok = pg - cfg.entropy_coeff * ent + cfg.kl_loss_coef * kl
+            ((per_tok * m).sum() / n_tok).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
 
-  step()  # warm-up
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return times
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--seq", type=int, default=512)
-  ap.add_argument("--micro", type=int, default=4)
-  ap.add_argument("--no-torch", action="store_true")
-  args = ap.parse_args()
-  cfg = ActorConfig(lr=1e-6, ppo_mini_batch_size=args.batch, ppo_micro_batch_size=args.micro,
-                    ppo_epochs=1)
-  batch = make_batch(args.batch, args.seq, HF_CFG["vocab_size"])
-  tokens = args.batch * args.seq
-  first, times, metrics, full_batch = bench_jax(cfg, batch, args.steps)
-  jt = statistics.median(times)
-  out = {
-      "bench": "actor_update",
-      "backend": jax.default_backend(),
-      "devices": jax.device_count(),
-      "config": {k: HF_CFG[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                        "num_key_value_heads", "vocab_size", "intermediate_size")},
-      "batch": args.batch, "seq_len": args.seq, "micro_batch": args.micro,
-      "jax_first_call_s": round(first, 3),
-      "jax_step_s": round(jt, 4),
-      "jax_tokens_per_s": round(tokens / jt, 1),
-      "jax_grad_norm": round(metrics["actor/grad_norm"], 5),
-  }
-  if not args.no_torch:
-    import torch
-    torch.set_num_threads(os.cpu_count() or 1)
-    tt = statistics.median(bench_torch(cfg, full_batch, args.steps))
-    out.update(torch_step_s=round(tt, 4), torch_tokens_per_s=round(tokens / tt, 1),
-               speedup_vs_torch=round(tt / jt, 3))
-  print(json.dumps(out))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args()
+    cfg = ActorConfig(
+        lr=1e-6, ppo_mini_batch_size=args.batch, ppo_micro_batch_size=args.micro, ppo_epochs=1
+    )
+    batch = make_batch(args.batch, args.seq, HF_CFG["vocab_size"])
+    tokens = args.batch * args.seq
+    first, times, metrics, full_batch = bench_jax(cfg, batch, args.steps)
+    jt = statistics.median(times)
+    out = {
+        "bench": "actor_update",
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "config": {
+            k: HF_CFG[k]
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "intermediate_size",
+            )
+        },
+        "batch": args.batch,
+        "seq_len": args.seq,
+        "micro_batch": args.micro,
+        "jax_first_call_s": round(first, 3),
+        "jax_step_s": round(jt, 4),
+        "jax_tokens_per_s": round(tokens / jt, 1),
+        "jax_grad_norm": round(metrics["actor/grad_norm"], 5),
+    }
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        tt = statistics.median(bench_torch(cfg, full_batch, args.steps))
+        out.update(
+            torch_step_s=round(tt, 4),
+            torch_tokens_per_s=round(tokens / tt, 1),
+            speedup_vs_torch=round(tt / jt, 3),
+        )
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
-  main()
+    main()

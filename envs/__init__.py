@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
-from envs.base import ACK, Env, Parsed, StepResult, initial_messages, parse_agentgym_action, parse_last_action
+from envs.base import (
+    ACK,
+    Env,
+    Parsed,
+    StepResult,
+    initial_messages,
+    parse_agentgym_action,
+    parse_last_action,
+)
 
-Factory = Union[str, Callable[..., Env]]
+Factory = str | Callable[..., Env]
 
 _REGISTRY: dict[str, Factory] = {
     "babyai": "envs.babyai:BabyAIEnv",
@@ -29,8 +38,18 @@ _REGISTRY: dict[str, Factory] = {
 }
 
 __all__ = [
-    "ACK", "Env", "Parsed", "StepResult", "initial_messages", "parse_agentgym_action",
-    "parse_last_action", "make", "register", "list_envs", "resolve", "task_ids",
+    "ACK",
+    "Env",
+    "Parsed",
+    "StepResult",
+    "initial_messages",
+    "parse_agentgym_action",
+    "parse_last_action",
+    "make",
+    "register",
+    "list_envs",
+    "resolve",
+    "task_ids",
 ]
 
 
@@ -75,7 +94,9 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]
     valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     bad = sorted(set(kwargs) - set(valid))
     if bad:
-        raise TypeError(f"env {name!r} got unknown argument(s) {bad}; valid arguments: {valid or 'none'}")
+        raise TypeError(
+            f"env {name!r} got unknown argument(s) {bad}; valid arguments: {valid or 'none'}"
+        )
 
 
 def make(name: str, /, **kwargs: Any) -> Env:

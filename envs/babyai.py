@@ -17,19 +17,52 @@ carries minigrid's value. An episode ends on success, failure, or minigrid's ste
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from envs.base import Env, StepResult, check_split, format_instruction
 
 ALL_LEVELS = (
-    "GoToRedBallGrey", "GoToRedBall", "GoToRedBallNoDists", "GoToObjS6", "GoToLocalS8N7",
-    "GoToObjMazeS7", "GoToImpUnlock", "GoToSeqS5R2", "GoToRedBlueBall", "GoToDoor",
-    "GoToObjDoor", "Open", "OpenRedDoor", "OpenDoorLoc", "OpenRedBlueDoorsDebug",
-    "OpenDoorsOrderN4Debug", "Pickup", "UnblockPickup", "PickupLoc", "PickupDistDebug",
-    "PickupAbove", "PutNextLocalS6N4", "PutNextS7N4Carrying", "Unlock", "UnlockLocalDist",
-    "KeyInBox", "UnlockPickupDist", "BlockedUnlockPickup", "UnlockToUnlock", "ActionObjDoor",
-    "FindObjS7", "KeyCorridorS6R3", "OneRoomS20", "MoveTwoAcrossS8N9", "SynthS5R2", "SynthLoc",
-    "SynthSeq", "MiniBossLevel", "BossLevel", "BossLevelNoUnlock",
+    "GoToRedBallGrey",
+    "GoToRedBall",
+    "GoToRedBallNoDists",
+    "GoToObjS6",
+    "GoToLocalS8N7",
+    "GoToObjMazeS7",
+    "GoToImpUnlock",
+    "GoToSeqS5R2",
+    "GoToRedBlueBall",
+    "GoToDoor",
+    "GoToObjDoor",
+    "Open",
+    "OpenRedDoor",
+    "OpenDoorLoc",
+    "OpenRedBlueDoorsDebug",
+    "OpenDoorsOrderN4Debug",
+    "Pickup",
+    "UnblockPickup",
+    "PickupLoc",
+    "PickupDistDebug",
+    "PickupAbove",
+    "PutNextLocalS6N4",
+    "PutNextS7N4Carrying",
+    "Unlock",
+    "UnlockLocalDist",
+    "KeyInBox",
+    "UnlockPickupDist",
+    "BlockedUnlockPickup",
+    "UnlockToUnlock",
+    "ActionObjDoor",
+    "FindObjS7",
+    "KeyCorridorS6R3",
+    "OneRoomS20",
+    "MoveTwoAcrossS8N9",
+    "SynthS5R2",
+    "SynthLoc",
+    "SynthSeq",
+    "MiniBossLevel",
+    "BossLevel",
+    "BossLevelNoUnlock",
 )
 TEST_SEEDS = 10  # default: seeds [0, 10) of every level form the test split
 TRAIN_SEEDS = 100  # default: the next 100 seeds, [10, 110), form the train split
@@ -40,7 +73,11 @@ INSTRUCTION = format_instruction(
     "the observation to finish the given task. You are placed in a room and you need to "
     "accomplish the given goal with actions.",
     [
-        "turn right", "turn left", "move forward", "go to <obj> <id>", "pick up <obj> <id>",
+        "turn right",
+        "turn left",
+        "move forward",
+        "go to <obj> <id>",
+        "pick up <obj> <id>",
         "go through <door> <id>: <door> must be an open door.",
         "toggle and go through <door> <id>: <door> can be a closed door or a locked door. If you "
         "want to open a locked door, you need to carry a key that is of the same color as the "
@@ -74,8 +111,13 @@ class BabyAIEnv(Env):
     name = "babyai"
     max_turns = 20
 
-    def __init__(self, levels: Sequence[str] | None = None, reward: str = "success",
-                 test_seeds: int = TEST_SEEDS, train_seeds: int = TRAIN_SEEDS) -> None:
+    def __init__(
+        self,
+        levels: Sequence[str] | None = None,
+        reward: str = "success",
+        test_seeds: int = TEST_SEEDS,
+        train_seeds: int = TRAIN_SEEDS,
+    ) -> None:
         # test_seeds / train_seeds only shape the splits (see ``task_ids``); accepting them here
         # lets one ``env.kwargs`` mapping serve both ``envs.make`` and ``envs.task_ids``.
         super().__init__()
@@ -90,12 +132,20 @@ class BabyAIEnv(Env):
         self.errors: dict[str, str] = {}
 
     @classmethod
-    def task_ids(cls, split: str = "train", levels: Sequence[str] | None = None,
-                 test_seeds: int = TEST_SEEDS, train_seeds: int = TRAIN_SEEDS, **_: Any) -> list[int]:
+    def task_ids(
+        cls,
+        split: str = "train",
+        levels: Sequence[str] | None = None,
+        test_seeds: int = TEST_SEEDS,
+        train_seeds: int = TRAIN_SEEDS,
+        **_: Any,
+    ) -> list[int]:
         """Task ``i`` is seed ``i // n`` of level ``i % n``: the test split takes seeds
         ``[0, test_seeds)``, the train split the next ``train_seeds``, so they never overlap."""
         if test_seeds < 1 or train_seeds < 1:
-            raise ValueError(f"test_seeds and train_seeds must be >= 1, got {test_seeds}, {train_seeds}")
+            raise ValueError(
+                f"test_seeds and train_seeds must be >= 1, got {test_seeds}, {train_seeds}"
+            )
         n = len(levels) if levels else len(ALL_LEVELS)
         test = check_split(split) == "test"
         lo, hi = (0, test_seeds) if test else (test_seeds, test_seeds + train_seeds)
@@ -131,15 +181,18 @@ class BabyAIEnv(Env):
     def _step(self, action: str) -> StepResult:
         action = action.lower().strip()
         if action.startswith("pickup "):
-            action = "pick up " + action[len("pickup "):]
+            action = "pick up " + action[len("pickup ") :]
         info: dict[str, Any] = {"level": self._env.spec.id, "action_is_valid": True}
         if "check" in action:
             text = "You can take the following actions: " + ", ".join(self.actions)
             return StepResult(text + self._actions_suffix(), 0.0, False, info)
         if action not in self.actions:
             info["action_is_valid"] = False
-            text = self.errors.get(action) or ("No change in state." if action == "" else
-                                               "The action is not recognized. Please check valid actions.")
+            text = self.errors.get(action) or (
+                "No change in state."
+                if action == ""
+                else "The action is not recognized. Please check valid actions."
+            )
             return StepResult(text + self._actions_suffix(), 0.0, False, info)
         terminated = truncated = False
         reward, obs = 0.0, None
@@ -184,7 +237,11 @@ class BabyAIEnv(Env):
                 if t not in OBJECTS:
                     continue
                 kind = OBJECTS[t]
-                name = f"{COLORS[c]} {DOOR_STATES[s]} door" if kind == "door" else f"{COLORS[c]} {kind}"
+                name = (
+                    f"{COLORS[c]} {DOOR_STATES[s]} door"
+                    if kind == "door"
+                    else f"{COLORS[c]} {kind}"
+                )
                 rel = (ax - px, ay - py)
                 objs.append({"name": name, "pos": (ax, ay), "dis": abs(rel[0]) + abs(rel[1])})
                 if name.endswith("open door") or kind == "goal":
@@ -210,14 +267,20 @@ class BabyAIEnv(Env):
                 side = "right" if right > 0 else "left"
                 where = f"{front} steps in front of you and {abs(right)} steps to your {side}. "
             parts.append(f"There is a {o['name']} {seen[o['name']]} {where} ")
-        desc = ("In front of you in this room, you can see several objects: " + "".join(parts)
-                if objs else "You cannot see any objects within sight.")
+        desc = (
+            "In front of you in this room, you can see several objects: " + "".join(parts)
+            if objs
+            else "You cannot see any objects within sight."
+        )
         desc += "The room has walls around you. "
         if barriers:
             desc += f"You are facing a {barriers[0][1]} {barriers[0][0]} steps away. "
         carrying = u.carrying
-        desc += (f"You are carrying a {carrying.color} {carrying.type}." if carrying is not None
-                 else "You are not carrying anything.")
+        desc += (
+            f"You are carrying a {carrying.color} {carrying.type}."
+            if carrying is not None
+            else "You are not carrying anything."
+        )
         self._build_actions(objs, barriers, carrying)
         return desc
 
@@ -236,7 +299,11 @@ class BabyAIEnv(Env):
                     state, act = prev[state]
                     path.append(act)
                 return path[::-1]
-            for act, nxt in ((FORWARD, (front, d)), (LEFT, (pos, (d - 1) % 4)), (RIGHT, (pos, (d + 1) % 4))):
+            for act, nxt in (
+                (FORWARD, (front, d)),
+                (LEFT, (pos, (d - 1) % 4)),
+                (RIGHT, (pos, (d + 1) % 4)),
+            ):
                 if act == FORWARD and front not in free:
                     continue
                 if nxt not in prev:
@@ -264,12 +331,16 @@ class BabyAIEnv(Env):
                     continue
                 path = self._path(o["pos"], arrive=False)
                 if path is None:
-                    errs[f"pick up {o['label']}"] = f"You cannot pick up {o['label']}, as there is no path leading to it."
+                    errs[f"pick up {o['label']}"] = (
+                        f"You cannot pick up {o['label']}, as there is no path leading to it."
+                    )
                 else:
                     acts[f"pick up {o['label']}"] = path + [PICKUP]
         else:
             if any(o["pos"] == front_cell and o["name"].split()[-1] in BLOCKING for o in objs):
-                errs["drop"] = "You cannot drop the object, as there is already an object in front of you."
+                errs["drop"] = (
+                    "You cannot drop the object, as there is already an object in front of you."
+                )
             else:
                 acts["drop"] = [DROP]
         if carrying is None:
@@ -279,33 +350,42 @@ class BabyAIEnv(Env):
             if name.endswith("open door"):
                 path = self._path(o["pos"], arrive=True)
                 if path is None:
-                    errs[f"go through {label}"] = f"You cannot go through {label}, as there is no path leading to it."
+                    errs[f"go through {label}"] = (
+                        f"You cannot go through {label}, as there is no path leading to it."
+                    )
                 else:
                     acts[f"go through {label}"] = path
             elif name.endswith("closed door") or name.endswith("locked door"):
                 if name.endswith("locked door") and (carrying is None or carrying.type != "key"):
                     errs[f"toggle and go through {label}"] = (
-                        f"You cannot toggle and go through {label}, as you are not carrying a key.")
+                        f"You cannot toggle and go through {label}, as you are not carrying a key."
+                    )
                     continue
                 if name.endswith("locked door") and carrying.color != name.split()[0]:
                     errs[f"toggle and go through {label}"] = (
                         f"You cannot toggle and go through {label}, as the color of the key you are "
-                        "carrying does not match the color of door.")
+                        "carrying does not match the color of door."
+                    )
                     continue
                 path = self._path(o["pos"], arrive=False)
                 if path is None:
                     errs[f"toggle and go through {label}"] = (
-                        f"You cannot toggle and go through {label}, as there is no path leading to it.")
+                        f"You cannot toggle and go through {label}, as there is no path leading to it."
+                    )
                 else:
                     acts[f"toggle and go through {label}"] = path + [TOGGLE, FORWARD]
                     if not path:
                         acts["toggle"] = [TOGGLE]
-                errs[f"go through {label}"] = f"You cannot go through {label}, as it is closed. You should toggle it first."
+                errs[f"go through {label}"] = (
+                    f"You cannot go through {label}, as it is closed. You should toggle it first."
+                )
         for o in objs:
             if o["name"].endswith("goal"):
                 path = self._path(o["pos"], arrive=True)
                 if path is None:
-                    errs["go to goal"] = "You cannot go to the goal, as there is no path leading to it."
+                    errs["go to goal"] = (
+                        "You cannot go to the goal, as there is no path leading to it."
+                    )
                 else:
                     acts["go to goal"] = path
         for o in named:
@@ -313,7 +393,9 @@ class BabyAIEnv(Env):
                 continue
             path = self._path(o["pos"], arrive=False)
             if path is None:
-                errs[f"go to {o['label']}"] = f"You cannot go to {o['label']}, as there is no path leading to it."
+                errs[f"go to {o['label']}"] = (
+                    f"You cannot go to {o['label']}, as there is no path leading to it."
+                )
             else:
                 acts[f"go to {o['label']}"] = path
         acts["check available actions"] = []
@@ -338,13 +420,19 @@ def expert_action(observation: str, turn: int = 0) -> str:
         expert_action.goal = goal.group(1)  # type: ignore[attr-defined]
     mission = getattr(expert_action, "goal", "")
     offered = re.findall(r'"([^"]+)"', observation.rsplit("Available actions:", 1)[-1])
-    m = re.search(r"(go to|pick up|open) (?:the|a) (?:(red|green|blue|purple|yellow|grey) )?(\w+)", mission)
+    m = re.search(
+        r"(go to|pick up|open) (?:the|a) (?:(red|green|blue|purple|yellow|grey) )?(\w+)", mission
+    )
     if m:
         verb, color, kind = m.groups()
         verbs = ("toggle and go through", "go through") if verb == "open" else (verb,)
         for a in offered:
             words = a.split()
-            if any(a.startswith(v + " ") for v in verbs) and kind in words and (color is None or color in words):
+            if (
+                any(a.startswith(v + " ") for v in verbs)
+                and kind in words
+                and (color is None or color in words)
+            ):
                 return a
     if "move forward" in offered and turn % 4 != 3:
         return "move forward"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 ACK = "OK. I'll follow your instructions and try my best to solve the task."
-MULTI_ACTION_ERROR = "Error: Only one 'Action' is allowed per response. Please adjust your response."
+MULTI_ACTION_ERROR = (
+    "Error: Only one 'Action' is allowed per response. Please adjust your response."
+)
 EPISODE_OVER = "Error: the episode has ended; call reset() before stepping again."
 NOT_RESET = "Error: the environment has not been reset; call reset(task_id) first."
 SPLITS = ("train", "test")
@@ -63,8 +66,12 @@ def format_instruction(preamble: str, actions: Sequence[str] = ()) -> str:
     """Env instruction in AgentGym's shape: description, actions list, Thought/Action format."""
     parts = [preamble.rstrip()]
     if actions:
-        parts.append("You can use the following actions:\n\n" + "\n\n".join(f"- {a}" for a in actions))
-    parts.append("Your response should use the following format:\nThought:\n<Your Thought>\n\nAction:\n<Your Action>")
+        parts.append(
+            "You can use the following actions:\n\n" + "\n\n".join(f"- {a}" for a in actions)
+        )
+    parts.append(
+        "Your response should use the following format:\nThought:\n<Your Thought>\n\nAction:\n<Your Action>"
+    )
     return "\n\n".join(parts)
 
 
@@ -139,7 +146,7 @@ class Env:
     def _step(self, action: str) -> StepResult:
         raise NotImplementedError
 
-    def __enter__(self) -> "Env":
+    def __enter__(self) -> Env:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -152,7 +159,9 @@ def check_split(split: str) -> str:
     return split
 
 
-def initial_messages(env: "Env | Mapping[str, Any]", first_obs: str, system: str | None = None) -> list[dict[str, str]]:
+def initial_messages(
+    env: Env | Mapping[str, Any], first_obs: str, system: str | None = None
+) -> list[dict[str, str]]:
     """Chat messages for the start of an episode, as AgentGym builds them.
 
     user = env instruction, assistant = acknowledgement, user = first observation. `env` is an

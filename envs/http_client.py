@@ -13,7 +13,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from envs.base import Env, Parsed, StepResult, format_instruction, parse_agentgym_action, parse_last_action
+from envs.base import (
+    Env,
+    Parsed,
+    StepResult,
+    format_instruction,
+    parse_agentgym_action,
+    parse_last_action,
+)
 
 SCORE_AS_REWARD = {"babyai", "sciworld"}
 REWARD_SCALE = {"sciworld": 0.01}  # ScienceWorld scores 0-100; we report 0-1, raw in info
@@ -23,8 +30,13 @@ LAST_ACTION_PARSER = {"sciworld", "webshop"}
 def _known_instruction(env_name: str) -> str | None:
     import importlib
 
-    module = {"babyai": "envs.babyai", "textcraft": "envs.textcraft", "sciworld": "envs.sciworld",
-              "searchqa": "envs.searchqa", "webshop": "envs.webshop"}.get(env_name)
+    module = {
+        "babyai": "envs.babyai",
+        "textcraft": "envs.textcraft",
+        "sciworld": "envs.sciworld",
+        "searchqa": "envs.searchqa",
+        "webshop": "envs.webshop",
+    }.get(env_name)
     return importlib.import_module(module).INSTRUCTION if module else None
 
 
@@ -35,8 +47,16 @@ class EnvServerError(RuntimeError):
 class HttpEnv(Env):
     name = "http"
 
-    def __init__(self, base_url: str, env_name: str, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.5, instruction: str | None = None, create_body: dict | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        env_name: str,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        instruction: str | None = None,
+        create_body: dict | None = None,
+    ) -> None:
         """base_url: the env server, e.g. "http://127.0.0.1:36001"; env_name: which AgentGym env
         it serves (selects protocol quirks, parser and default instruction)."""
         super().__init__()
@@ -44,8 +64,11 @@ class HttpEnv(Env):
 
         self.base_url, self.env_name = base_url.rstrip("/"), env_name.lower()
         self.retries, self.backoff = retries, backoff
-        self._instruction = instruction or _known_instruction(self.env_name) or format_instruction(
-            f"You are an agent in the {env_name} environment.")
+        self._instruction = (
+            instruction
+            or _known_instruction(self.env_name)
+            or format_instruction(f"You are an agent in the {env_name} environment.")
+        )
         self._client = httpx.Client(timeout=timeout)
         self._id_key = "env_idx" if self.env_name == "searchqa" else "id"
         created = self._request("POST", "/create", json=create_body or {}, retry_timeouts=True)
@@ -54,7 +77,9 @@ class HttpEnv(Env):
 
     @classmethod
     def task_ids(cls, split: str = "train", **_: Any) -> list[int]:
-        raise TypeError("task ids of a remote env are defined by its server; pass them to TaskSampler directly")
+        raise TypeError(
+            "task ids of a remote env are defined by its server; pass them to TaskSampler directly"
+        )
 
     def instruction(self) -> str:
         return self._instruction
@@ -62,10 +87,20 @@ class HttpEnv(Env):
     def parse(self, reply: str) -> Parsed:
         if self.env_name == "searchqa":
             return Parsed(reply)
-        return parse_last_action(reply) if self.env_name in LAST_ACTION_PARSER else parse_agentgym_action(reply)
+        return (
+            parse_last_action(reply)
+            if self.env_name in LAST_ACTION_PARSER
+            else parse_agentgym_action(reply)
+        )
 
-    def _request(self, method: str, path: str, json: dict | None = None, params: dict | None = None,
-                 retry_timeouts: bool = True) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        json: dict | None = None,
+        params: dict | None = None,
+        retry_timeouts: bool = True,
+    ) -> Any:
         import httpx
 
         retryable: tuple = (httpx.ConnectError, httpx.RemoteProtocolError)
@@ -77,8 +112,10 @@ class HttpEnv(Env):
                 break
             except retryable as e:
                 if attempt == self.retries:
-                    raise EnvServerError(f"{method} {self.base_url}{path} failed after {attempt + 1} tries: {e!r}") from e
-                time.sleep(self.backoff * 2 ** attempt)
+                    raise EnvServerError(
+                        f"{method} {self.base_url}{path} failed after {attempt + 1} tries: {e!r}"
+                    ) from e
+                time.sleep(self.backoff * 2**attempt)
         if resp.status_code != 200:
             raise EnvServerError(f"{method} {path} -> HTTP {resp.status_code}: {resp.text[:500]}")
         data = resp.json()
@@ -87,7 +124,10 @@ class HttpEnv(Env):
         return data
 
     def _reset(self, task_id: int) -> str:
-        body = {self._id_key: self.env_id, ("id" if self.env_name == "searchqa" else "data_idx"): task_id}
+        body = {
+            self._id_key: self.env_id,
+            ("id" if self.env_name == "searchqa" else "data_idx"): task_id,
+        }
         data = self._request("POST", "/reset", json=body)
         obs = data.get("observation", "") if isinstance(data, dict) else str(data)
         if self.env_name == "sciworld" and isinstance(data, dict) and "task_description" in data:
@@ -101,8 +141,12 @@ class HttpEnv(Env):
         # A step is not idempotent: a timed-out request may have been applied, so only
         # connection failures (request never sent) are retried here.
         try:
-            data = self._request("POST", "/step", json={self._id_key: self.env_id, "action": action},
-                                 retry_timeouts=False)
+            data = self._request(
+                "POST",
+                "/step",
+                json={self._id_key: self.env_id, "action": action},
+                retry_timeouts=False,
+            )
         except EnvServerError as e:
             return StepResult(f"Error: {e}", 0.0, True, {"error": str(e)})
         key = "score" if self.env_name in SCORE_AS_REWARD and "score" in data else "reward"
@@ -110,7 +154,12 @@ class HttpEnv(Env):
         info = {k: v for k, v in data.items() if k not in ("observation", "done")}
         info["raw_reward"] = raw
         self.observation = data.get("observation", "")
-        return StepResult(self.observation, raw * REWARD_SCALE.get(self.env_name, 1.0), bool(data.get("done")), info)
+        return StepResult(
+            self.observation,
+            raw * REWARD_SCALE.get(self.env_name, 1.0),
+            bool(data.get("done")),
+            info,
+        )
 
     def close(self) -> None:
         try:

@@ -21,8 +21,9 @@ import multiprocessing as mp
 import time
 import traceback
 import weakref
+from collections.abc import Hashable
 from multiprocessing.connection import Connection, wait
-from typing import Any, Hashable
+from typing import Any
 
 from envs.base import EPISODE_OVER, StepResult
 
@@ -64,10 +65,20 @@ class _EnvHost:
                     env = self.idle[key].pop() if self.idle[key] else envs.resolve(spec)(**kwargs)
                     self.live[episode_id] = (key, env)
                 obs = env.reset(task_id)
-                return StepResult(obs, 0.0, False, {"reset": True, "instruction": env.instruction(), "ack": env.ack})
+                return StepResult(
+                    obs,
+                    0.0,
+                    False,
+                    {"reset": True, "instruction": env.instruction(), "ack": env.ack},
+                )
             if kind == "step":
                 if episode_id not in self.live:
-                    return StepResult(EPISODE_OVER, 0.0, True, {"error": "episode has no env (finished or never reset)"})
+                    return StepResult(
+                        EPISODE_OVER,
+                        0.0,
+                        True,
+                        {"error": "episode has no env (finished or never reset)"},
+                    )
                 result = self.live[episode_id][1].step(req[2])
                 if result.done:
                     self._release(episode_id)
@@ -78,7 +89,12 @@ class _EnvHost:
             raise ValueError(f"unknown request kind {kind!r}")
         except Exception as e:  # an env bug ends its episode, never the worker
             self._release(episode_id, broken=True)
-            return StepResult("", 0.0, True, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+            return StepResult(
+                "",
+                0.0,
+                True,
+                {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
+            )
 
 
 def _worker_main(conn: Connection) -> None:
@@ -113,11 +129,20 @@ class EnvPool:
       start_method: multiprocessing start method; "spawn" keeps workers free of JAX state.
     """
 
-    def __init__(self, num_workers: int = 2, step_timeout: float = 30.0, reset_timeout: float = 120.0,
-                 start_method: str = "spawn") -> None:
+    def __init__(
+        self,
+        num_workers: int = 2,
+        step_timeout: float = 30.0,
+        reset_timeout: float = 120.0,
+        start_method: str = "spawn",
+    ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.num_workers, self.step_timeout, self.reset_timeout = num_workers, step_timeout, reset_timeout
+        self.num_workers, self.step_timeout, self.reset_timeout = (
+            num_workers,
+            step_timeout,
+            reset_timeout,
+        )
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = [self._spawn() for _ in range(num_workers)]
         self._local = _EnvHost() if num_workers == 0 else None
@@ -137,8 +162,13 @@ class EnvPool:
         return _Worker(proc, parent)
 
     # -- submissions ----------------------------------------------------------------------------
-    def submit_reset(self, episode_id: EpisodeId, env_name: str, task_id: int,
-                     env_kwargs: dict[str, Any] | None = None) -> None:
+    def submit_reset(
+        self,
+        episode_id: EpisodeId,
+        env_name: str,
+        task_id: int,
+        env_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         """Start (or restart) `episode_id` on task `task_id`; its result carries the first
         observation and, in `info`, the env's `instruction` and `ack` for the prompt."""
         import envs
@@ -158,11 +188,15 @@ class EnvPool:
         if episode_id not in self._home:
             raise KeyError(f"episode {episode_id!r} was never reset; call submit_reset first")
         if episode_id in self._lost:
-            self._ready.append((episode_id, StepResult("", 0.0, True, {"error": self._lost.pop(episode_id)})))
+            self._ready.append(
+                (episode_id, StepResult("", 0.0, True, {"error": self._lost.pop(episode_id)}))
+            )
             self._done.add(episode_id)
             return
         if episode_id in self._done:
-            self._ready.append((episode_id, StepResult(EPISODE_OVER, 0.0, True, {"error": "episode finished"})))
+            self._ready.append(
+                (episode_id, StepResult(EPISODE_OVER, 0.0, True, {"error": "episode finished"}))
+            )
             return
         self._submit(episode_id, ("step", episode_id, action))
 
@@ -216,7 +250,9 @@ class EnvPool:
                 break
             deadline = min(self._workers[i].inflight[1] for i in busy)
             wait_for = max(0.0, min(end, deadline) - time.monotonic())
-            handles = [self._workers[i].conn for i in busy] + [self._workers[i].proc.sentinel for i in busy]
+            handles = [self._workers[i].conn for i in busy] + [
+                self._workers[i].proc.sentinel for i in busy
+            ]
             ready = set(wait(handles, timeout=wait_for))
             for i in busy:
                 w = self._workers[i]
@@ -277,7 +313,9 @@ class EnvPool:
         finally:
             self._ready.extendleft(reversed(stash))
 
-    def reset(self, episode_id: EpisodeId, env_name: str, task_id: int, env_kwargs: dict | None = None) -> StepResult:
+    def reset(
+        self, episode_id: EpisodeId, env_name: str, task_id: int, env_kwargs: dict | None = None
+    ) -> StepResult:
         self.submit_reset(episode_id, env_name, task_id, env_kwargs)
         return self._await(episode_id)
 
@@ -293,7 +331,11 @@ class EnvPool:
         stash = []
         while len(out) < len(actions):
             for ep, res in self.poll(timeout=1.0):
-                (out.__setitem__(ep, res) if ep in actions and ep not in out else stash.append((ep, res)))
+                (
+                    out.__setitem__(ep, res)
+                    if ep in actions and ep not in out
+                    else stash.append((ep, res))
+                )
         self._ready.extendleft(reversed(stash))
         return out
 
@@ -315,7 +357,7 @@ class EnvPool:
             w.conn.close()
         self._workers = []
 
-    def __enter__(self) -> "EnvPool":
+    def __enter__(self) -> EnvPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -328,7 +370,7 @@ class EnvPool:
         return self._home[episode_id]
 
 
-def _close_ref(ref: "weakref.ref[EnvPool]") -> None:
+def _close_ref(ref: weakref.ref[EnvPool]) -> None:
     pool = ref()
     if pool is not None:
         pool.close()

@@ -21,19 +21,36 @@ from envs.base import Env, Parsed, StepResult, check_split, parse_last_action
 INSTRUCTION = (
     "You are an agent for science world. Every round I will give you an observation, you have to respond an "
     "action based on the observation to finish the given task. Here are the actions you may take: "
-    + json.dumps([
-        {"action": a, "description": d} for a, d in (
-            ("open/close OBJ", "open/close a container"), ("de/activate OBJ", "activate/deactivate a device"),
-            ("connect OBJ to OBJ", "connect electrical components"), ("disconnect OBJ", "disconnect electrical components"),
-            ("use OBJ [on OBJ]", "use a device/item"), ("look around", "describe the current room"),
-            ("look at OBJ", "describe an object in detail"), ("look in OBJ", "describe a container's contents"),
-            ("read OBJ", "read a note or book"), ("move OBJ to OBJ", "move an object to a container"),
-            ("pick up OBJ", "move an object to the inventory"), ("put down OBJ", "drop an inventory item"),
-            ("pour OBJ into OBJ", "pour a liquid into a container"), ("dunk OBJ into OBJ", "dunk a container into a liquid"),
-            ("mix OBJ", "chemically mix a container"), ("go to LOC", "move to a new location"), ("eat OBJ", "eat a food"),
-            ("flush OBJ", "flush a toilet"), ("focus on OBJ", "signal intent on a task object"),
-            ("wait", "take no action for 10 iterations"), ("wait1", "take no action for 1 iteration"),
-            ("task", "describe current task"), ("inventory", "list your inventory"))])
+    + json.dumps(
+        [
+            {"action": a, "description": d}
+            for a, d in (
+                ("open/close OBJ", "open/close a container"),
+                ("de/activate OBJ", "activate/deactivate a device"),
+                ("connect OBJ to OBJ", "connect electrical components"),
+                ("disconnect OBJ", "disconnect electrical components"),
+                ("use OBJ [on OBJ]", "use a device/item"),
+                ("look around", "describe the current room"),
+                ("look at OBJ", "describe an object in detail"),
+                ("look in OBJ", "describe a container's contents"),
+                ("read OBJ", "read a note or book"),
+                ("move OBJ to OBJ", "move an object to a container"),
+                ("pick up OBJ", "move an object to the inventory"),
+                ("put down OBJ", "drop an inventory item"),
+                ("pour OBJ into OBJ", "pour a liquid into a container"),
+                ("dunk OBJ into OBJ", "dunk a container into a liquid"),
+                ("mix OBJ", "chemically mix a container"),
+                ("go to LOC", "move to a new location"),
+                ("eat OBJ", "eat a food"),
+                ("flush OBJ", "flush a toilet"),
+                ("focus on OBJ", "signal intent on a task object"),
+                ("wait", "take no action for 10 iterations"),
+                ("wait1", "take no action for 1 iteration"),
+                ("task", "describe current task"),
+                ("inventory", "list your inventory"),
+            )
+        ]
+    )
     + "\nYour response should use the following format:\nThought:\nyour thoughts.\n\nAction:\nyour next action"
 )
 
@@ -73,11 +90,15 @@ class SciWorldEnv(Env):
         version = java_version()
         if version is None or version < 17:
             found = "no java on PATH" if version is None else f"java {version}"
-            raise RuntimeError(f"SciWorld needs Java 17 or newer ({found}); e.g. `apt-get install openjdk-17-jre-headless`")
+            raise RuntimeError(
+                f"SciWorld needs Java 17 or newer ({found}); e.g. `apt-get install openjdk-17-jre-headless`"
+            )
         try:
             from scienceworld import ScienceWorldEnv
         except ImportError as e:
-            raise ImportError("SciWorld needs `pip install scienceworld` (extra: agentgym-jax[sciworld])") from e
+            raise ImportError(
+                "SciWorld needs `pip install scienceworld` (extra: agentgym-jax[sciworld])"
+            ) from e
         self._sim = ScienceWorldEnv("", envStepLimit=step_limit)
         self.gold_path = gold_path
         self.observation = ""
@@ -107,15 +128,24 @@ class SciWorldEnv(Env):
 
     def _step(self, action: str) -> StepResult:
         if not action:
-            return StepResult("Invalid Action.\n\n" + self.observation, 0.0, False, {"invalid": True})
+            return StepResult(
+                "Invalid Action.\n\n" + self.observation, 0.0, False, {"invalid": True}
+            )
         obs, _, done, info = self._sim.step(action)
         if obs.startswith("No known action matches"):  # unparseable: state unchanged, say so
-            return StepResult("Invalid Action.\n\n" + self.observation, 0.0, False, {"invalid": True})
+            return StepResult(
+                "Invalid Action.\n\n" + self.observation, 0.0, False, {"invalid": True}
+            )
         score = float(info.get("score", 0))
         if score < 0:  # ScienceWorld signals a failed task with -100: episode over, no reward
             done = True
         self.observation = obs
-        return StepResult(obs, max(score, 0.0) / 100.0, bool(done), {"score": score, "moves": info.get("moves"), **self.task})
+        return StepResult(
+            obs,
+            max(score, 0.0) / 100.0,
+            bool(done),
+            {"score": score, "moves": info.get("moves"), **self.task},
+        )
 
     def gold_actions(self) -> list[str]:
         """ScienceWorld's reference solution for the loaded task (tests, demo warm-up)."""

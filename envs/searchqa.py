@@ -26,9 +26,11 @@ INSTRUCTION = (
     "find no further external knowledge needed, you can directly provide the answer inside <answer> "
     "and </answer>, without detailed illustrations. For example, <answer> Beijing </answer>."
 )
-INVALID = ("\nMy previous action is invalid. If I want to search, I should put the query between "
-           "<search> and </search>. If I want to give the final answer, I should put the answer between "
-           "<answer> and </answer>. Let me try again.\n")
+INVALID = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between "
+    "<search> and </search>. If I want to give the final answer, I should put the answer between "
+    "<answer> and </answer>. Let me try again.\n"
+)
 _TAG_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 TFDS_FIELDS = {  # dataset -> (question field, answers field) in tensorflow-datasets
     "natural_questions_open": ("question", "answer"),
@@ -64,8 +66,12 @@ def _load_corpus(path: str) -> tuple[list[dict[str, Any]], Any]:
 
     docs = _read_jsonl(path)
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([f"{d['title']} {d['text']}" for d in docs], stopwords="en", show_progress=False),
-                    show_progress=False)
+    retriever.index(
+        bm25s.tokenize(
+            [f"{d['title']} {d['text']}" for d in docs], stopwords="en", show_progress=False
+        ),
+        show_progress=False,
+    )
     return docs, retriever
 
 
@@ -73,12 +79,14 @@ def _load_corpus(path: str) -> tuple[list[dict[str, Any]], Any]:
 def _load_questions(source: str) -> list[dict[str, Any]]:
     if not source.startswith("tfds:"):
         return _read_jsonl(source)
-    name, _, split = source[len("tfds:"):].partition("@")
+    name, _, split = source[len("tfds:") :].partition("@")
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ImportError("tfds question sources need `pip install tensorflow-datasets` and the dataset "
-                          "prepared locally (no downloads are made)") from e
+        raise ImportError(
+            "tfds question sources need `pip install tensorflow-datasets` and the dataset "
+            "prepared locally (no downloads are made)"
+        ) from e
     if name not in TFDS_FIELDS:
         raise ValueError(f"unknown tfds dataset {name!r}; valid: {', '.join(TFDS_FIELDS)}")
     q_field, a_field = TFDS_FIELDS[name]
@@ -88,7 +96,10 @@ def _load_questions(source: str) -> list[dict[str, Any]]:
         ans: Any = ex
         for part in a_field.split("/"):
             ans = ans[part]
-        ans = [a.decode() if isinstance(a, bytes) else str(a) for a in (ans if hasattr(ans, "__iter__") and not isinstance(ans, bytes) else [ans])]
+        ans = [
+            a.decode() if isinstance(a, bytes) else str(a)
+            for a in (ans if hasattr(ans, "__iter__") and not isinstance(ans, bytes) else [ans])
+        ]
         q = ex[q_field]
         out.append({"question": q.decode() if isinstance(q, bytes) else str(q), "answers": ans})
     return out
@@ -99,7 +110,9 @@ class SearchQAEnv(Env):
     max_turns = 5
     server_parses = True
 
-    def __init__(self, corpus: str | None = None, questions: str | None = None, top_k: int = 3) -> None:
+    def __init__(
+        self, corpus: str | None = None, questions: str | None = None, top_k: int = 3
+    ) -> None:
         """corpus: JSONL of {id, title, text}; questions: JSONL of {question, answers} or
         "tfds:<name>@<split>" (see TFDS_FIELDS). Defaults: the shipped toy world."""
         super().__init__()
@@ -136,14 +149,26 @@ class SearchQAEnv(Env):
             return "No results."
         k = min(self.top_k, len(self.docs))
         idx, _ = self._retriever.retrieve(tokens, k=k, show_progress=False)
-        return "\n".join(f"Doc {i + 1}(Title: {self.docs[j]['title']}) {self.docs[j]['text']}"
-                         for i, j in enumerate(idx[0]))
+        return "\n".join(
+            f"Doc {i + 1}(Title: {self.docs[j]['title']}) {self.docs[j]['text']}"
+            for i, j in enumerate(idx[0])
+        )
 
     def _step(self, action: str) -> StepResult:
         kind, _, content = action.partition(":")
         if kind == "answer":
             ok = exact_match(content, self.item["answers"])
-            return StepResult("", float(ok), True, {"answer": content, "success": ok, "golden": self.item["answers"]})
+            return StepResult(
+                "",
+                float(ok),
+                True,
+                {"answer": content, "success": ok, "golden": self.item["answers"]},
+            )
         if kind == "search" and content:
-            return StepResult(f"\n\n<information>{self.search(content)}</information>\n\n", 0.0, False, {"query": content})
+            return StepResult(
+                f"\n\n<information>{self.search(content)}</information>\n\n",
+                0.0,
+                False,
+                {"query": content},
+            )
         return StepResult(INVALID, 0.0, False, {"invalid": True})

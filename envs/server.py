@@ -65,6 +65,7 @@ def create_app(name: str, max_envs: int = 64, **env_kwargs: Any) -> Any:
                     return JSONResponse(fn(data))
             except Exception as e:  # AgentGym protocol: errors are a 200 with {"error"}
                 return JSONResponse({"error": f"{type(e).__name__}: {e}"})
+
         return handler
 
     def create(_: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +84,14 @@ def create_app(name: str, max_envs: int = 64, **env_kwargs: Any) -> Any:
             raise ValueError(f"missing or non-integer data_idx: {task!r}")
         obs = live[idx].reset(task)
         done[idx] = False
-        return {"id": idx, "observation": obs, "reward": 0.0, "score": 0.0, "done": False, "deleted": False}
+        return {
+            "id": idx,
+            "observation": obs,
+            "reward": 0.0,
+            "score": 0.0,
+            "done": False,
+            "deleted": False,
+        }
 
     def step(data: dict[str, Any]) -> dict[str, Any]:
         idx = env_id(data)
@@ -97,9 +105,18 @@ def create_app(name: str, max_envs: int = 64, **env_kwargs: Any) -> Any:
         if result.info.get("error") == "not reset":
             raise RuntimeError(f"environment {idx} has not been reset")
         done[idx] = result.done
-        info = {k: v for k, v in result.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
-        return {"observation": result.observation, "reward": result.reward, "score": result.reward,
-                "done": result.done, "info": info}
+        info = {
+            k: v
+            for k, v in result.info.items()
+            if isinstance(v, (str, int, float, bool, type(None)))
+        }
+        return {
+            "observation": result.observation,
+            "reward": result.reward,
+            "score": result.reward,
+            "done": result.done,
+            "info": info,
+        }
 
     def observation(data: dict[str, Any]) -> Any:
         return getattr(live[env_id(data)], "observation", "")
@@ -111,24 +128,39 @@ def create_app(name: str, max_envs: int = 64, **env_kwargs: Any) -> Any:
         return {"closed": True, "id": idx}
 
     app.add_api_route("/", lambda: f"This is environment {name} (agentgym-jax).", methods=["GET"])
-    for path, fn, method in (("/create", create, "POST"), ("/reset", reset, "POST"), ("/step", step, "POST"),
-                             ("/observation", observation, "GET"), ("/close", close, "POST")):
+    for path, fn, method in (
+        ("/create", create, "POST"),
+        ("/reset", reset, "POST"),
+        ("/step", step, "POST"),
+        ("/observation", observation, "GET"),
+        ("/close", close, "POST"),
+    ):
         app.add_api_route(path, guarded(fn), methods=[method])
     return app
 
 
-def serve(name: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_envs: int = 64,
-          log_level: str = "warning", **env_kwargs: Any) -> None:
+def serve(
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_envs: int = 64,
+    log_level: str = "warning",
+    **env_kwargs: Any,
+) -> None:
     """Run the server in this thread until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(name, max_envs=max_envs, **env_kwargs), host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        create_app(name, max_envs=max_envs, **env_kwargs), host=host, port=port, log_level=log_level
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     import envs
 
-    p = argparse.ArgumentParser(prog="agentgym-jax serve-env", description="Serve an env over AgentGym's HTTP protocol.")
+    p = argparse.ArgumentParser(
+        prog="agentgym-jax serve-env", description="Serve an env over AgentGym's HTTP protocol."
+    )
     p.add_argument("name", choices=envs.list_envs(), help="env to serve")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)

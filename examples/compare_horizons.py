@@ -26,34 +26,42 @@ EVAL = ["rollout.val_max_turns=4"]
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", default="configs/demo.yaml")
-  ap.add_argument("--steps", type=int, default=None, help="training steps per variant")
-  ap.add_argument("--out", default="runs/horizons")
-  ap.add_argument("overrides", nargs="*")
-  args = ap.parse_args(argv)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per variant")
+    ap.add_argument("--out", default="runs/horizons")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
 
-  from agentgym_jax.config import load_config
-  from agentgym_jax.metrics import plot_compare
-  from agentgym_jax.trainer import train
+    from agentgym_jax.config import load_config
+    from agentgym_jax.metrics import plot_compare
+    from agentgym_jax.trainer import train
 
-  dirs = {}
-  for name, extra in VARIANTS.items():
-    out = os.path.join(args.out, name.replace(" ", "_").lower())
-    ov = [*extra, *EVAL, f"trainer.output_dir={out}", *args.overrides]
-    if args.steps:
-      ov.append(f"trainer.total_training_steps={args.steps}")
-    print(f"== {name}: {' '.join(extra) or '(demo schedule)'}", flush=True)
-    train(load_config(args.config, ov))
-    dirs[name] = out
-  png = plot_compare(dirs, "eval/success_rate", os.path.join(args.out, "horizons.png"),
-                     title="held-out success vs step")
-  summary = {n: json.load(open(os.path.join(d, "summary.json"))) for n, d in dirs.items()}
-  for n, s in summary.items():
-    print(f"{n:>14}: success {s['eval_success_before']} -> {s['eval_success_after']} in {s['elapsed_s']}s")
-  print(png)
-  return 0
+    dirs = {}
+    for name, extra in VARIANTS.items():
+        out = os.path.join(args.out, name.replace(" ", "_").lower())
+        ov = [*extra, *EVAL, f"trainer.output_dir={out}", *args.overrides]
+        if args.steps:
+            ov.append(f"trainer.total_training_steps={args.steps}")
+        print(f"== {name}: {' '.join(extra) or '(demo schedule)'}", flush=True)
+        train(load_config(args.config, ov))
+        dirs[name] = out
+    png = plot_compare(
+        dirs,
+        "eval/success_rate",
+        os.path.join(args.out, "horizons.png"),
+        title="held-out success vs step",
+    )
+    summary = {n: json.load(open(os.path.join(d, "summary.json"))) for n, d in dirs.items()}
+    for n, s in summary.items():
+        print(
+            f"{n:>14}: success {s['eval_success_before']} -> {s['eval_success_after']} in {s['elapsed_s']}s"
+        )
+    print(png)
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Decoder models (Qwen2 / Qwen2.5 / Qwen3 / Llama 3.x), value-head critic, HF import / export."""
 
-from agentgym_jax.models.config import ModelConfig, SUPPORTED_MODEL_TYPES
+from agentgym_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from agentgym_jax.models.decoder import Critic, KVCache, Transformer, positions_from_mask
 from agentgym_jax.models.hf_io import critic_from_pretrained, from_pretrained, save_pretrained
 

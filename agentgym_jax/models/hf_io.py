@@ -12,14 +12,16 @@ import json
 import logging
 import os
 import struct
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from agentgym_jax import sharding as shd
 from agentgym_jax.models.config import ModelConfig
@@ -43,98 +45,102 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsFile:
-  """Zero-copy reader: tensors are views into one read-only memory map of the file."""
+    """Zero-copy reader: tensors are views into one read-only memory map of the file."""
 
-  def __init__(self, path: str):
-    self.path = path
-    with open(path, "rb") as f:
-      head = f.read(8)
-      if len(head) != 8:
-        raise ValueError(f"{path}: not a safetensors file (truncated header)")
-      (n,) = struct.unpack("<Q", head)
-      try:
-        self.header = json.loads(f.read(n))
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
-    self.header.pop("__metadata__", None)
-    self._mm = np.memmap(path, dtype=np.uint8, mode="r")
-    self._base = 8 + n
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{path}: not a safetensors file (truncated header)")
+            (n,) = struct.unpack("<Q", head)
+            try:
+                self.header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+        self.header.pop("__metadata__", None)
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self._base = 8 + n
 
-  def keys(self):
-    return self.header.keys()
+    def keys(self):
+        return self.header.keys()
 
-  def get(self, name: str) -> np.ndarray:
-    meta = self.header[name]
-    if meta["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-    dt = np.dtype(_ST_DTYPES[meta["dtype"]])
-    start, end = meta["data_offsets"]
-    if self._base + end > self._mm.shape[0]:
-      raise ValueError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated?)")
-    return self._mm[self._base + start : self._base + end].view(dt).reshape(meta["shape"])
+    def get(self, name: str) -> np.ndarray:
+        meta = self.header[name]
+        if meta["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        dt = np.dtype(_ST_DTYPES[meta["dtype"]])
+        start, end = meta["data_offsets"]
+        if self._base + end > self._mm.shape[0]:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} runs past the end of the file (truncated?)"
+            )
+        return self._mm[self._base + start : self._base + end].view(dt).reshape(meta["shape"])
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
-  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-  offset = 0
-  for name, arr in tensors.items():
-    nbytes = arr.nbytes
-    header[name] = {
-        "dtype": _ST_NAMES[arr.dtype],
-        "shape": list(arr.shape),
-        "data_offsets": [offset, offset + nbytes],
-    }
-    offset += nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for arr in tensors.values():
-      f.write(np.ascontiguousarray(arr).tobytes())
-  os.replace(tmp, path)
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, arr in tensors.items():
+        nbytes = arr.nbytes
+        header[name] = {
+            "dtype": _ST_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
 
 
 def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
-  """Tensor name -> reader, from a single file or a ``model.safetensors.index.json``."""
-  index = os.path.join(path, "model.safetensors.index.json")
-  files: dict[str, SafetensorsFile] = {}
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    readers = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
-    return {name: readers[fn] for name, fn in weight_map.items()}
-  cands = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
-  if not cands:
-    raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
-  for fn in cands:
-    r = SafetensorsFile(os.path.join(path, fn))
-    files.update({k: r for k in r.keys()})
-  return files
+    """Tensor name -> reader, from a single file or a ``model.safetensors.index.json``."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    files: dict[str, SafetensorsFile] = {}
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        readers = {
+            fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))
+        }
+        return {name: readers[fn] for name, fn in weight_map.items()}
+    cands = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    if not cands:
+        raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
+    for fn in cands:
+        r = SafetensorsFile(os.path.join(path, fn))
+        files.update({k: r for k in r.keys()})
+    return files
 
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
-  """Our state path -> (HF tensor name, whether to transpose)."""
-  parts = [str(p) for p in path]
-  leaf = parts[-1]
-  if parts[0] == "lm_head":
-    return "lm_head.weight", True
-  prefix = "model." + ".".join(parts[:-1])
-  if parts[0] == "embed_tokens":
-    return "model.embed_tokens.weight", False
-  if leaf == "kernel":
-    return prefix + ".weight", True
-  if leaf == "scale":
-    return prefix + ".weight", False
-  if leaf == "bias":
-    return prefix + ".bias", False
-  raise KeyError(f"no HF name for parameter {'.'.join(parts)}")
+    """Our state path -> (HF tensor name, whether to transpose)."""
+    parts = [str(p) for p in path]
+    leaf = parts[-1]
+    if parts[0] == "lm_head":
+        return "lm_head.weight", True
+    prefix = "model." + ".".join(parts[:-1])
+    if parts[0] == "embed_tokens":
+        return "model.embed_tokens.weight", False
+    if leaf == "kernel":
+        return prefix + ".weight", True
+    if leaf == "scale":
+        return prefix + ".weight", False
+    if leaf == "bias":
+        return prefix + ".bias", False
+    raise KeyError(f"no HF name for parameter {'.'.join(parts)}")
 
 
 def _iter_params(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
-  for path, var in nnx.to_flat_state(state):
-    yield tuple(path), var
+    for path, var in nnx.to_flat_state(state):
+        yield tuple(path), var
 
 
 def from_pretrained(
@@ -147,63 +153,73 @@ def from_pretrained(
     remat: bool = False,
     attn_q_block: int = 128,
 ) -> Transformer:
-  """Load a local HF directory (config.json + safetensors) into a ``Transformer``.
+    """Load a local HF directory (config.json + safetensors) into a ``Transformer``.
 
-  ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (default: ``dtype``).
-  With ``mesh``, each parameter is created directly with its logical-axis sharding.
-  ``remat`` and ``attn_q_block`` are passed to ``Transformer``.
-  """
-  path = os.fspath(path)
-  cfg = ModelConfig.from_pretrained(path)
-  param_dtype = param_dtype or dtype
-  abstract = nnx.eval_shape(
-      lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat,
-                          attn_q_block=attn_q_block)
-  )
-  graphdef, abs_state = nnx.split(abstract)
-  tensors = _open_checkpoint(path)
-  used = set()
-  single = NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ("x",)), P())
-  flat = []
-  for p, var in _iter_params(abs_state):
-    name, transpose = _hf_name(p)
-    if name not in tensors:
-      raise KeyError(f"{path}: checkpoint has no tensor {name!r} (needed for {'.'.join(map(str, p))})")
-    used.add(name)
-    src = tensors[name].get(name)
-    src = src.T if transpose else src
-    want = tuple(var.get_value().shape)
-    if tuple(src.shape) != want:
-      raise ValueError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, model expects {want}")
-    axes = var.get_metadata().get("axes")
-    sharding = shd.sharding_for(axes, want, mesh, rules) if mesh is not None else single
-    np_dtype = np.dtype(var.get_value().dtype)
-    arr = jax.make_array_from_callback(
-        want, sharding, lambda idx, s=src, d=np_dtype: np.asarray(s[idx], dtype=d)
+    ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (default: ``dtype``).
+    With ``mesh``, each parameter is created directly with its logical-axis sharding.
+    ``remat`` and ``attn_q_block`` are passed to ``Transformer``.
+    """
+    path = os.fspath(path)
+    cfg = ModelConfig.from_pretrained(path)
+    param_dtype = param_dtype or dtype
+    abstract = nnx.eval_shape(
+        lambda: Transformer(
+            cfg,
+            rngs=nnx.Rngs(0),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            attn_q_block=attn_q_block,
+        )
     )
-    flat.append((p, var.replace(arr)))
-  unused = sorted(set(tensors) - used - {"lm_head.weight"})
-  if unused:
-    log.warning("%s: %d checkpoint tensors unused, e.g. %s", path, len(unused), unused[:3])
-  state = nnx.from_flat_state(flat)
-  return nnx.merge(graphdef, state)
+    graphdef, abs_state = nnx.split(abstract)
+    tensors = _open_checkpoint(path)
+    used = set()
+    single = NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ("x",)), P())
+    flat = []
+    for p, var in _iter_params(abs_state):
+        name, transpose = _hf_name(p)
+        if name not in tensors:
+            raise KeyError(
+                f"{path}: checkpoint has no tensor {name!r} (needed for {'.'.join(map(str, p))})"
+            )
+        used.add(name)
+        src = tensors[name].get(name)
+        src = src.T if transpose else src
+        want = tuple(var.get_value().shape)
+        if tuple(src.shape) != want:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(src.shape)}, model expects {want}"
+            )
+        axes = var.get_metadata().get("axes")
+        sharding = shd.sharding_for(axes, want, mesh, rules) if mesh is not None else single
+        np_dtype = np.dtype(var.get_value().dtype)
+        arr = jax.make_array_from_callback(
+            want, sharding, lambda idx, s=src, d=np_dtype: np.asarray(s[idx], dtype=d)
+        )
+        flat.append((p, var.replace(arr)))
+    unused = sorted(set(tensors) - used - {"lm_head.weight"})
+    if unused:
+        log.warning("%s: %d checkpoint tensors unused, e.g. %s", path, len(unused), unused[:3])
+    state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, state)
 
 
 def critic_from_pretrained(path, dtype=jnp.float32, mesh: Mesh | None = None, **kw) -> Critic:
-  """A critic initialised from an actor checkpoint: same backbone, zero-initialised value head."""
-  backbone = from_pretrained(path, dtype, mesh, **kw)
-  critic = Critic(backbone, rngs=nnx.Rngs(0))
-  if mesh is not None:
-    shd.shard_module(critic, mesh)
-  return critic
+    """A critic initialised from an actor checkpoint: same backbone, zero-initialised value head."""
+    backbone = from_pretrained(path, dtype, mesh, **kw)
+    critic = Critic(backbone, rngs=nnx.Rngs(0))
+    if mesh is not None:
+        shd.shard_module(critic, mesh)
+    return critic
 
 
 def _host(x: jax.Array) -> np.ndarray:
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
 
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
 
 
 def save_pretrained(
@@ -213,42 +229,42 @@ def save_pretrained(
     dtype=None,
     max_shard_bytes: int = 4 * 1024**3,
 ) -> None:
-  """Write ``model`` as a HF directory (config.json + safetensors, index-sharded when large)."""
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
-  cfg = model.config
-  tensors: dict[str, np.ndarray] = {}
-  for p, var in _iter_params(nnx.state(model, nnx.Param)):
-    name, transpose = _hf_name(p)
-    arr = _host(var.get_value())
-    if dtype is not None:
-      arr = arr.astype(np.dtype(dtype))
-    tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
-  out_dtype = next(iter(tensors.values())).dtype
-  hf = cfg.to_hf_dict()
-  hf["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-      str(out_dtype), "float32"
-  )
-  if jax.process_index() != 0:
-    return
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, arr in tensors.items():
-    if size and size + arr.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = arr
-    size += arr.nbytes
-  if len(shards) == 1:
-    write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    write_safetensors(os.path.join(path, fn), shard)
-    weight_map.update({k: fn for k in shard})
-  total = sum(a.nbytes for a in tensors.values())
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    """Write ``model`` as a HF directory (config.json + safetensors, index-sharded when large)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    tensors: dict[str, np.ndarray] = {}
+    for p, var in _iter_params(nnx.state(model, nnx.Param)):
+        name, transpose = _hf_name(p)
+        arr = _host(var.get_value())
+        if dtype is not None:
+            arr = arr.astype(np.dtype(dtype))
+        tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    out_dtype = next(iter(tensors.values())).dtype
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+        str(out_dtype), "float32"
+    )
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if size and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(path, fn), shard)
+        weight_map.update({k: fn for k in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -19,7 +19,8 @@ group id per sequence ([B], equal ids = samples of the same task); groups are fo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,81 +33,87 @@ Array = jax.Array
 
 
 def masked_mean(x: Array, mask: Array, axis=None) -> Array:
-  mask = mask.astype(x.dtype)
-  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+    mask = mask.astype(x.dtype)
+    return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) -> Array:
-  """(x - mean) / sqrt(var + eps) over masked entries; var unbiased as veRL's ``masked_whiten``."""
-  m = mask.astype(x.dtype)
-  n = jnp.sum(m)
-  mean = jnp.sum(x * m) / jnp.maximum(n, 1.0)
-  var = jnp.sum(jnp.square(x - mean) * m) / jnp.maximum(n, 1.0)
-  var = var * n / jnp.maximum(n - 1.0, 1.0)  # Bessel, as torch's masked_var(unbiased=True)
-  out = (x - mean) * jax.lax.rsqrt(var + eps)
-  if not shift_mean:
-    out = out + mean
-  return out * m
+    """(x - mean) / sqrt(var + eps) over masked entries; var unbiased as veRL's ``masked_whiten``."""
+    m = mask.astype(x.dtype)
+    n = jnp.sum(m)
+    mean = jnp.sum(x * m) / jnp.maximum(n, 1.0)
+    var = jnp.sum(jnp.square(x - mean) * m) / jnp.maximum(n, 1.0)
+    var = var * n / jnp.maximum(n - 1.0, 1.0)  # Bessel, as torch's masked_var(unbiased=True)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
 
 
 def _discounted_scan(rewards: Array, values: Array, mask: Array, gamma: float, lam: float):
-  """Reverse scan over T: GAE over model tokens, env tokens skipped (see module doc)."""
-  f32 = jnp.float32
-  rewards, values, m = rewards.astype(f32), values.astype(f32), mask.astype(bool)
-  b = rewards.shape[0]
+    """Reverse scan over T: GAE over model tokens, env tokens skipped (see module doc)."""
+    f32 = jnp.float32
+    rewards, values, m = rewards.astype(f32), values.astype(f32), mask.astype(bool)
+    b = rewards.shape[0]
 
-  def step(carry, xs):
-    next_v, next_adv, pending = carry
-    r, v, mt = xs
-    # Rewards on mask-0 tokens accumulate in `pending` until the preceding model token is met.
-    delta = r + pending + gamma * next_v - v
-    adv = delta + gamma * lam * next_adv
-    carry = (
-        jnp.where(mt, v, next_v),
-        jnp.where(mt, adv, next_adv),
-        jnp.where(mt, 0.0, pending + r),
-    )
-    return carry, jnp.where(mt, adv, 0.0)
+    def step(carry, xs):
+        next_v, next_adv, pending = carry
+        r, v, mt = xs
+        # Rewards on mask-0 tokens accumulate in `pending` until the preceding model token is met.
+        delta = r + pending + gamma * next_v - v
+        adv = delta + gamma * lam * next_adv
+        carry = (
+            jnp.where(mt, v, next_v),
+            jnp.where(mt, adv, next_adv),
+            jnp.where(mt, 0.0, pending + r),
+        )
+        return carry, jnp.where(mt, adv, 0.0)
 
-  zeros = jnp.zeros((b,), f32)
-  xs = (rewards.T, values.T, m.T)  # scan over time
-  _, adv_t = jax.lax.scan(step, (zeros, zeros, zeros), xs, reverse=True)
-  adv = adv_t.T
-  returns = jnp.where(m, adv + values, 0.0)
-  return adv, returns
+    zeros = jnp.zeros((b,), f32)
+    xs = (rewards.T, values.T, m.T)  # scan over time
+    _, adv_t = jax.lax.scan(step, (zeros, zeros, zeros), xs, reverse=True)
+    adv = adv_t.T
+    returns = jnp.where(m, adv + values, 0.0)
+    return adv, returns
 
 
 # --------------------------------------------------------------------------------------------
 # temporal estimators
 
 
-def gae(rewards: Array, values: Array, mask: Array, gamma: float = 1.0, lam: float = 1.0,
-        whiten: bool = True) -> tuple[Array, Array]:
-  """Generalised advantage estimation over model tokens -> (advantages, returns), both [B, T].
+def gae(
+    rewards: Array,
+    values: Array,
+    mask: Array,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    whiten: bool = True,
+) -> tuple[Array, Array]:
+    """Generalised advantage estimation over model tokens -> (advantages, returns), both [B, T].
 
-  ``values[b, t]`` is V of the state in which token t is chosen (see ``losses`` for the shift).
-  Returns are ``advantages + values`` before whitening; advantages are whitened over the masked
-  tokens of the batch when ``whiten`` (veRL does). Both are 0 where mask == 0.
-  """
-  adv, ret = _discounted_scan(rewards, values, mask, gamma, lam)
-  if whiten:
-    adv = masked_whiten(adv, mask)
-  return adv, ret
+    ``values[b, t]`` is V of the state in which token t is chosen (see ``losses`` for the shift).
+    Returns are ``advantages + values`` before whitening; advantages are whitened over the masked
+    tokens of the batch when ``whiten`` (veRL does). Both are 0 where mask == 0.
+    """
+    adv, ret = _discounted_scan(rewards, values, mask, gamma, lam)
+    if whiten:
+        adv = masked_whiten(adv, mask)
+    return adv, ret
 
 
 def discounted_returns(rewards: Array, mask: Array, gamma: float = 1.0) -> Array:
-  """sum_k gamma^k r over the following model tokens (env-token rewards credited as above)."""
-  _, ret = _discounted_scan(rewards, jnp.zeros_like(rewards, jnp.float32), mask, gamma, 1.0)
-  return ret
+    """sum_k gamma^k r over the following model tokens (env-token rewards credited as above)."""
+    _, ret = _discounted_scan(rewards, jnp.zeros_like(rewards, jnp.float32), mask, gamma, 1.0)
+    return ret
 
 
 def reinforce_pp(rewards: Array, mask: Array, gamma: float = 1.0) -> tuple[Array, Array]:
-  """REINFORCE++: discounted returns over model tokens, whitened over the batch's valid tokens.
+    """REINFORCE++: discounted returns over model tokens, whitened over the batch's valid tokens.
 
-  Returns (advantages, returns) like the other estimators.
-  """
-  ret = discounted_returns(rewards, mask, gamma)
-  return masked_whiten(ret, mask), ret
+    Returns (advantages, returns) like the other estimators.
+    """
+    ret = discounted_returns(rewards, mask, gamma)
+    return masked_whiten(ret, mask), ret
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,59 +121,60 @@ def reinforce_pp(rewards: Array, mask: Array, gamma: float = 1.0) -> tuple[Array
 
 
 def _groups(group_ids: Array) -> tuple[Array, Array]:
-  same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
-  return same, jnp.sum(same, axis=1)
+    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
+    return same, jnp.sum(same, axis=1)
 
 
 def _group_mean_std(scores: Array, group_ids: Array):
-  s = scores.astype(jnp.float32)
-  same, n = _groups(group_ids)
-  mean = same @ s / n
-  # Unbiased (n - 1) std, as torch.std in veRL's compute_grpo_outcome_advantage.
-  dev = s[None, :] - mean[:, None]
-  var = jnp.sum(same * jnp.square(dev), axis=1) / jnp.maximum(n - 1.0, 1.0)
-  return s, n, mean, jnp.sqrt(var)
+    s = scores.astype(jnp.float32)
+    same, n = _groups(group_ids)
+    mean = same @ s / n
+    # Unbiased (n - 1) std, as torch.std in veRL's compute_grpo_outcome_advantage.
+    dev = s[None, :] - mean[:, None]
+    var = jnp.sum(same * jnp.square(dev), axis=1) / jnp.maximum(n - 1.0, 1.0)
+    return s, n, mean, jnp.sqrt(var)
 
 
 def _broadcast(seq_adv: Array, mask: Array) -> Array:
-  return seq_adv[:, None] * mask.astype(jnp.float32)
+    return seq_adv[:, None] * mask.astype(jnp.float32)
 
 
-def grpo(scores: Array, group_ids: Array, mask: Array, norm_by_std: bool = True,
-         eps: float = 1e-6) -> tuple[Array, Array]:
-  """GRPO: (s - group mean) / (group std + eps), std unbiased (torch.std, as veRL).
+def grpo(
+    scores: Array, group_ids: Array, mask: Array, norm_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Array, Array]:
+    """GRPO: (s - group mean) / (group std + eps), std unbiased (torch.std, as veRL).
 
-  ``norm_by_std=False`` is Dr.GRPO (mean-centred only). A group of size 1 gets advantage 0
-  (veRL instead uses mean 0 / std 1, i.e. the raw score; a lone sample carries no relative
-  signal). Returns (advantages, returns) with returns = advantages, as veRL.
-  """
-  s, n, mean, std = _group_mean_std(scores, group_ids)
-  a = s - mean
-  if norm_by_std:
-    a = a / (std + eps)
-  a = jnp.where(n > 1, a, 0.0)
-  adv = _broadcast(a, mask)
-  return adv, adv
+    ``norm_by_std=False`` is Dr.GRPO (mean-centred only). A group of size 1 gets advantage 0
+    (veRL instead uses mean 0 / std 1, i.e. the raw score; a lone sample carries no relative
+    signal). Returns (advantages, returns) with returns = advantages, as veRL.
+    """
+    s, n, mean, std = _group_mean_std(scores, group_ids)
+    a = s - mean
+    if norm_by_std:
+        a = a / (std + eps)
+    a = jnp.where(n > 1, a, 0.0)
+    adv = _broadcast(a, mask)
+    return adv, adv
 
 
 def rloo(scores: Array, group_ids: Array, mask: Array) -> tuple[Array, Array]:
-  """RLOO: s_i minus the mean of the other samples of its group; 0 for groups of size 1."""
-  s, n, mean, _ = _group_mean_std(scores, group_ids)
-  a = (s - mean) * n / jnp.maximum(n - 1.0, 1.0)  # = s_i - mean_{j != i} s_j
-  a = jnp.where(n > 1, a, 0.0)
-  adv = _broadcast(a, mask)
-  return adv, adv
+    """RLOO: s_i minus the mean of the other samples of its group; 0 for groups of size 1."""
+    s, n, mean, _ = _group_mean_std(scores, group_ids)
+    a = (s - mean) * n / jnp.maximum(n - 1.0, 1.0)  # = s_i - mean_{j != i} s_j
+    a = jnp.where(n > 1, a, 0.0)
+    adv = _broadcast(a, mask)
+    return adv, adv
 
 
 def reinforce_pp_baseline(scores: Array, group_ids: Array, mask: Array) -> tuple[Array, Array]:
-  """REINFORCE++-baseline: subtract the group mean, then whiten over the batch's valid tokens.
+    """REINFORCE++-baseline: subtract the group mean, then whiten over the batch's valid tokens.
 
-  A group of size 1 keeps its raw score before whitening (baseline 0), as veRL.
-  """
-  s, n, mean, _ = _group_mean_std(scores, group_ids)
-  a = jnp.where(n > 1, s - mean, s)
-  adv = masked_whiten(_broadcast(a, mask), mask)
-  return adv, adv
+    A group of size 1 keeps its raw score before whitening (baseline 0), as veRL.
+    """
+    s, n, mean, _ = _group_mean_std(scores, group_ids)
+    a = jnp.where(n > 1, s - mean, s)
+    adv = masked_whiten(_broadcast(a, mask), mask)
+    return adv, adv
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,55 +182,56 @@ def reinforce_pp_baseline(scores: Array, group_ids: Array, mask: Array) -> tuple
 
 
 def kl_penalty(logp: Array, ref_logp: Array, kind: str = "kl") -> Array:
-  """Per-token KL estimate between the sampling policy and the reference (veRL names).
+    """Per-token KL estimate between the sampling policy and the reference (veRL names).
 
-  kl (k1): logp - ref; abs: |logp - ref|; mse (k2): 0.5 (logp - ref)^2;
-  low_var_kl (k3): exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10] as veRL.
-  """
-  logp, ref_logp = logp.astype(jnp.float32), ref_logp.astype(jnp.float32)
-  d = logp - ref_logp
-  if kind in ("kl", "k1"):
-    return d
-  if kind == "abs":
-    return jnp.abs(d)
-  if kind in ("mse", "k2"):
-    return 0.5 * jnp.square(d)
-  if kind in ("low_var_kl", "k3"):
-    kl = jnp.clip(-d, -20.0, 20.0)  # avoid exp overflow before veRL's clamp
-    return jnp.clip(jnp.exp(kl) - kl - 1.0, -10.0, 10.0)
-  raise ValueError(f"kl type {kind!r}: allowed kl, k1, abs, mse, k2, low_var_kl, k3")
+    kl (k1): logp - ref; abs: |logp - ref|; mse (k2): 0.5 (logp - ref)^2;
+    low_var_kl (k3): exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10] as veRL.
+    """
+    logp, ref_logp = logp.astype(jnp.float32), ref_logp.astype(jnp.float32)
+    d = logp - ref_logp
+    if kind in ("kl", "k1"):
+        return d
+    if kind == "abs":
+        return jnp.abs(d)
+    if kind in ("mse", "k2"):
+        return 0.5 * jnp.square(d)
+    if kind in ("low_var_kl", "k3"):
+        kl = jnp.clip(-d, -20.0, 20.0)  # avoid exp overflow before veRL's clamp
+        return jnp.clip(jnp.exp(kl) - kl - 1.0, -10.0, 10.0)
+    raise ValueError(f"kl type {kind!r}: allowed kl, k1, abs, mse, k2, low_var_kl, k3")
 
 
-def kl_in_reward(rewards: Array, logp: Array, ref_logp: Array, mask: Array, coef: float,
-                 kind: str = "kl") -> tuple[Array, Array]:
-  """rewards - coef * KL on model tokens -> (new rewards, mean per-sequence KL [B])."""
-  m = mask.astype(jnp.float32)
-  kld = kl_penalty(logp, ref_logp, kind) * m
-  seq_kl = jnp.sum(kld, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
-  return rewards.astype(jnp.float32) - coef * kld, seq_kl
+def kl_in_reward(
+    rewards: Array, logp: Array, ref_logp: Array, mask: Array, coef: float, kind: str = "kl"
+) -> tuple[Array, Array]:
+    """rewards - coef * KL on model tokens -> (new rewards, mean per-sequence KL [B])."""
+    m = mask.astype(jnp.float32)
+    kld = kl_penalty(logp, ref_logp, kind) * m
+    seq_kl = jnp.sum(kld, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+    return rewards.astype(jnp.float32) - coef * kld, seq_kl
 
 
 class FixedKLController:
-  """Constant KL coefficient (host side)."""
+    """Constant KL coefficient (host side)."""
 
-  def __init__(self, kl_coef: float):
-    self.value = float(kl_coef)
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
 
-  def update(self, current_kl: float, n_steps: int) -> None:
-    del current_kl, n_steps
+    def update(self, current_kl: float, n_steps: int) -> None:
+        del current_kl, n_steps
 
 
 class AdaptiveKLController:
-  """Ziegler et al. (2019) proportional controller, as veRL's ``AdaptiveKLController``."""
+    """Ziegler et al. (2019) proportional controller, as veRL's ``AdaptiveKLController``."""
 
-  def __init__(self, init_kl_coef: float, target_kl: float, horizon: int):
-    if target_kl <= 0 or horizon <= 0:
-      raise ValueError("kl_ctrl: target_kl and horizon must be > 0")
-    self.value, self.target, self.horizon = float(init_kl_coef), float(target_kl), int(horizon)
+    def __init__(self, init_kl_coef: float, target_kl: float, horizon: int):
+        if target_kl <= 0 or horizon <= 0:
+            raise ValueError("kl_ctrl: target_kl and horizon must be > 0")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target_kl), int(horizon)
 
-  def update(self, current_kl: float, n_steps: int) -> None:
-    err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-    self.value *= 1.0 + err * n_steps / self.horizon
+    def update(self, current_kl: float, n_steps: int) -> None:
+        err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,46 +239,55 @@ class AdaptiveKLController:
 
 
 def _cfg(cfg: Any, key: str, default):
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
 
 
 def _scores(batch: Mapping[str, Array]) -> Array:
-  if "scores" in batch:
-    return jnp.asarray(batch["scores"], jnp.float32)
-  return jnp.sum(jnp.asarray(batch["rewards"], jnp.float32), axis=-1)
+    if "scores" in batch:
+        return jnp.asarray(batch["scores"], jnp.float32)
+    return jnp.sum(jnp.asarray(batch["rewards"], jnp.float32), axis=-1)
 
 
 def _adv_gae(batch, cfg):
-  return gae(batch["rewards"], batch["values"], batch["loss_mask"], _cfg(cfg, "gamma", 1.0),
-             _cfg(cfg, "lam", 1.0))
+    return gae(
+        batch["rewards"],
+        batch["values"],
+        batch["loss_mask"],
+        _cfg(cfg, "gamma", 1.0),
+        _cfg(cfg, "lam", 1.0),
+    )
 
 
 def _adv_grpo(batch, cfg):
-  return grpo(_scores(batch), batch["group_ids"], batch["loss_mask"],
-              norm_by_std=_cfg(cfg, "norm_adv_by_std_in_grpo", True))
+    return grpo(
+        _scores(batch),
+        batch["group_ids"],
+        batch["loss_mask"],
+        norm_by_std=_cfg(cfg, "norm_adv_by_std_in_grpo", True),
+    )
 
 
 def _adv_drgrpo(batch, cfg):
-  del cfg
-  return grpo(_scores(batch), batch["group_ids"], batch["loss_mask"], norm_by_std=False)
+    del cfg
+    return grpo(_scores(batch), batch["group_ids"], batch["loss_mask"], norm_by_std=False)
 
 
 def _adv_rloo(batch, cfg):
-  del cfg
-  return rloo(_scores(batch), batch["group_ids"], batch["loss_mask"])
+    del cfg
+    return rloo(_scores(batch), batch["group_ids"], batch["loss_mask"])
 
 
 def _adv_rpp(batch, cfg):
-  return reinforce_pp(batch["rewards"], batch["loss_mask"], _cfg(cfg, "gamma", 1.0))
+    return reinforce_pp(batch["rewards"], batch["loss_mask"], _cfg(cfg, "gamma", 1.0))
 
 
 def _adv_rpp_baseline(batch, cfg):
-  del cfg
-  return reinforce_pp_baseline(_scores(batch), batch["group_ids"], batch["loss_mask"])
+    del cfg
+    return reinforce_pp_baseline(_scores(batch), batch["group_ids"], batch["loss_mask"])
 
 
 AdvFn = Callable[[Mapping[str, Array], Any], tuple[Array, Array]]
@@ -295,34 +313,39 @@ REQUIRED_KEYS = {
 
 
 def compute_advantages(name: str, batch: Mapping[str, Any], cfg: Any = None) -> dict[str, Array]:
-  """Advantages and returns for ``batch`` with the estimator registered as ``name``.
+    """Advantages and returns for ``batch`` with the estimator registered as ``name``.
 
-  ``cfg`` is an ``AlgorithmConfig`` (or a mapping with its keys). With ``use_kl_in_reward`` the
-  token-level KL penalty (sampler ``old_logprobs`` vs ``ref_logprobs``) is subtracted from
-  ``rewards`` first, and its per-sequence sum from ``scores`` (outcome estimators). Returns
-  ``{"advantages", "returns"}`` plus ``"kl_in_reward"`` (mean per-sequence KL) when used.
-  """
-  if name not in ADV_ESTIMATORS:
-    raise ValueError(f"algorithm.adv_estimator={name!r}: allowed {sorted(ADV_ESTIMATORS)}")
-  need = ("loss_mask",) + REQUIRED_KEYS[name]
-  outcome = name not in ("gae", "reinforce_plus_plus")
-  if outcome and "scores" not in batch and "rewards" not in batch:
-    need += ("scores",)
-  missing = [k for k in need if k not in batch]
-  if missing:
-    raise KeyError(f"compute_advantages({name!r}): batch lacks {missing}")
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  out: dict[str, Array] = {}
-  if _cfg(cfg, "use_kl_in_reward", False):
-    if "rewards" not in batch:
-      batch["rewards"] = jnp.zeros(batch["loss_mask"].shape, jnp.float32)
-    new_r, seq_kl = kl_in_reward(batch["rewards"], batch["old_logprobs"], batch["ref_logprobs"],
-                                 batch["loss_mask"], _cfg(cfg, "kl_coef", 0.001),
-                                 _cfg(cfg, "kl_penalty", "kl"))
-    if "scores" in batch:
-      batch["scores"] = batch["scores"] + jnp.sum(new_r - batch["rewards"], axis=-1)
-    batch["rewards"] = new_r
-    out["kl_in_reward"] = seq_kl
-  adv, ret = ADV_ESTIMATORS[name](batch, cfg)
-  out["advantages"], out["returns"] = adv, ret
-  return out
+    ``cfg`` is an ``AlgorithmConfig`` (or a mapping with its keys). With ``use_kl_in_reward`` the
+    token-level KL penalty (sampler ``old_logprobs`` vs ``ref_logprobs``) is subtracted from
+    ``rewards`` first, and its per-sequence sum from ``scores`` (outcome estimators). Returns
+    ``{"advantages", "returns"}`` plus ``"kl_in_reward"`` (mean per-sequence KL) when used.
+    """
+    if name not in ADV_ESTIMATORS:
+        raise ValueError(f"algorithm.adv_estimator={name!r}: allowed {sorted(ADV_ESTIMATORS)}")
+    need = ("loss_mask",) + REQUIRED_KEYS[name]
+    outcome = name not in ("gae", "reinforce_plus_plus")
+    if outcome and "scores" not in batch and "rewards" not in batch:
+        need += ("scores",)
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise KeyError(f"compute_advantages({name!r}): batch lacks {missing}")
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    out: dict[str, Array] = {}
+    if _cfg(cfg, "use_kl_in_reward", False):
+        if "rewards" not in batch:
+            batch["rewards"] = jnp.zeros(batch["loss_mask"].shape, jnp.float32)
+        new_r, seq_kl = kl_in_reward(
+            batch["rewards"],
+            batch["old_logprobs"],
+            batch["ref_logprobs"],
+            batch["loss_mask"],
+            _cfg(cfg, "kl_coef", 0.001),
+            _cfg(cfg, "kl_penalty", "kl"),
+        )
+        if "scores" in batch:
+            batch["scores"] = batch["scores"] + jnp.sum(new_r - batch["rewards"], axis=-1)
+        batch["rewards"] = new_r
+        out["kl_in_reward"] = seq_kl
+    adv, ret = ADV_ESTIMATORS[name](batch, cfg)
+    out["advantages"], out["returns"] = adv, ret
+    return out

@@ -20,14 +20,16 @@ when ``use_kl_loss``; critic: input_ids, attention_mask, loss_mask, values, retu
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from agentgym_jax import sharding as shd
 from agentgym_jax.rl import losses as L
@@ -41,23 +43,27 @@ CRITIC_KEYS = ("input_ids", "attention_mask", "loss_mask", "values", "returns")
 
 @flax.struct.dataclass
 class TrainState:
-  """Params, optimizer state and training-step counter; graphdef and tx ride along as static."""
+    """Params, optimizer state and training-step counter; graphdef and tx ride along as static."""
 
-  params: Any
-  opt_state: Any
-  step: jax.Array
-  graphdef: Any = flax.struct.field(pytree_node=False)
-  tx: Any = flax.struct.field(pytree_node=False)
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    tx: Any = flax.struct.field(pytree_node=False)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """AdamW with an injectable lr (set from the step schedule inside the update).
+    """AdamW with an injectable lr (set from the step schedule inside the update).
 
-  Clipping is done in the update (the norm is also a metric), not chained here.
-  """
-  return optax.inject_hyperparams(optax.adamw)(
-      learning_rate=cfg.lr, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps,
-      weight_decay=cfg.weight_decay)
+    Clipping is done in the update (the norm is also a metric), not chained here.
+    """
+    return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=cfg.lr,
+        b1=cfg.betas[0],
+        b2=cfg.betas[1],
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 make_actor_optimizer = make_optimizer
@@ -65,39 +71,50 @@ make_critic_optimizer = make_optimizer
 
 
 def _is_var(x) -> bool:
-  return isinstance(x, nnx.Variable)
+    return isinstance(x, nnx.Variable)
 
 
 def train_state_shardings(state: TrainState, mesh: Mesh, rules=shd.DEFAULT_RULES) -> TrainState:
-  """A TrainState of NamedShardings: params (and Adam moments) by logical axes, rest replicated."""
-  p_sh = shd.state_shardings(state.params, mesh, rules)
-  o_sh = optax.tree_map_params(
-      state.tx, lambda _, s: s, state.opt_state, p_sh,
-      transform_non_params=lambda _: shd.replicated(mesh), is_leaf=_is_var)
-  return state.replace(params=p_sh, opt_state=o_sh, step=shd.replicated(mesh))
+    """A TrainState of NamedShardings: params (and Adam moments) by logical axes, rest replicated."""
+    p_sh = shd.state_shardings(state.params, mesh, rules)
+    o_sh = optax.tree_map_params(
+        state.tx,
+        lambda _, s: s,
+        state.opt_state,
+        p_sh,
+        transform_non_params=lambda _: shd.replicated(mesh),
+        is_leaf=_is_var,
+    )
+    return state.replace(params=p_sh, opt_state=o_sh, step=shd.replicated(mesh))
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                     rules=shd.DEFAULT_RULES) -> TrainState:
-  """Split ``model`` once and place params and optimizer state on ``mesh`` by logical axes."""
-  graphdef, params = nnx.split(model)
-  abstract = TrainState(params=params, opt_state=jax.eval_shape(tx.init, params),
-                        step=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx)
-  sh = train_state_shardings(abstract, mesh, rules)
-  params = jax.device_put(params, sh.params)
-  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-  return TrainState(params=params, opt_state=opt_state, step=step, graphdef=graphdef, tx=tx)
+def init_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, rules=shd.DEFAULT_RULES
+) -> TrainState:
+    """Split ``model`` once and place params and optimizer state on ``mesh`` by logical axes."""
+    graphdef, params = nnx.split(model)
+    abstract = TrainState(
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        step=jnp.zeros((), jnp.int32),
+        graphdef=graphdef,
+        tx=tx,
+    )
+    sh = train_state_shardings(abstract, mesh, rules)
+    params = jax.device_put(params, sh.params)
+    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+    return TrainState(params=params, opt_state=opt_state, step=step, graphdef=graphdef, tx=tx)
 
 
 def data_axes(mesh: Mesh) -> tuple[str, ...]:
-  return tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    return tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Put a host batch on ``mesh``, dim 0 split over ("data", "fsdp")."""
-  s = NamedSharding(mesh, P(data_axes(mesh) or None))
-  return {k: jax.device_put(jnp.asarray(v), s) for k, v in batch.items()}
+    """Put a host batch on ``mesh``, dim 0 split over ("data", "fsdp")."""
+    s = NamedSharding(mesh, P(data_axes(mesh) or None))
+    return {k: jax.device_put(jnp.asarray(v), s) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,47 +122,51 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def _logits(graphdef, params, ids, mask, temperature):
-  logits = nnx.merge(graphdef, params)(ids, mask)
-  return logits if temperature == 1.0 else logits / temperature
+    logits = nnx.merge(graphdef, params)(ids, mask)
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _chunked(fn, batch, micro_batch_size):
-  """fn over [mb, ...] chunks with lax.map (bounds the [mb, T, V] logits in memory)."""
-  b = batch["input_ids"].shape[0]
-  mb = micro_batch_size or b
-  if b % mb:
-    raise ValueError(f"micro_batch_size={mb} must divide the batch size {b}")
-  chunks = jax.tree.map(lambda x: x.reshape((b // mb, mb) + x.shape[1:]), batch)
-  out = jax.lax.map(fn, chunks)
-  return jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), out)
+    """fn over [mb, ...] chunks with lax.map (bounds the [mb, T, V] logits in memory)."""
+    b = batch["input_ids"].shape[0]
+    mb = micro_batch_size or b
+    if b % mb:
+        raise ValueError(f"micro_batch_size={mb} must divide the batch size {b}")
+    chunks = jax.tree.map(lambda x: x.reshape((b // mb, mb) + x.shape[1:]), batch)
+    out = jax.lax.map(fn, chunks)
+    return jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), out)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size", "temperature"))
-def compute_logprobs(graphdef, params, batch, micro_batch_size: int | None = None,
-                     temperature: float = 1.0):
-  """(logprobs [B, T], entropy [B, T]) of input_ids under params, aligned to input_ids.
+def compute_logprobs(
+    graphdef, params, batch, micro_batch_size: int | None = None, temperature: float = 1.0
+):
+    """(logprobs [B, T], entropy [B, T]) of input_ids under params, aligned to input_ids.
 
-  For old-policy and reference log-probs: the reference is the same graphdef with frozen params.
-  """
-  ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    For old-policy and reference log-probs: the reference is the same graphdef with frozen params.
+    """
+    ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-  def one(c):
-    logits = _logits(graphdef, params, c["input_ids"], c["attention_mask"], temperature)
-    return L.sequence_logprobs(logits, c["input_ids"], with_entropy=True)
+    def one(c):
+        logits = _logits(graphdef, params, c["input_ids"], c["attention_mask"], temperature)
+        return L.sequence_logprobs(logits, c["input_ids"], with_entropy=True)
 
-  return _chunked(one, ins, micro_batch_size)
+    return _chunked(one, ins, micro_batch_size)
 
 
 def _values(graphdef, params, ids, mask):
-  return L.shift_right(nnx.merge(graphdef, params)(ids, mask))
+    return L.shift_right(nnx.merge(graphdef, params)(ids, mask))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
 def compute_values(graphdef, params, batch, micro_batch_size: int | None = None):
-  """Critic values [B, T] aligned to input_ids (value of the state in which token t is chosen)."""
-  ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-  return _chunked(lambda c: _values(graphdef, params, c["input_ids"], c["attention_mask"]),
-                  ins, micro_batch_size)
+    """Critic values [B, T] aligned to input_ids (value of the state in which token t is chosen)."""
+    ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return _chunked(
+        lambda c: _values(graphdef, params, c["input_ids"], c["attention_mask"]),
+        ins,
+        micro_batch_size,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,153 +174,184 @@ def compute_values(graphdef, params, batch, micro_batch_size: int | None = None)
 
 
 def actor_loss(params, graphdef, mb, n_tokens, n_seqs, cfg: ActorConfig):
-  logits = _logits(graphdef, params, mb["input_ids"], mb["attention_mask"], cfg.temperature)
-  logp, ent = L.sequence_logprobs(logits, mb["input_ids"], with_entropy=True)
-  m = mb["loss_mask"].astype(jnp.float32)
-  w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
-  wt = m / jnp.maximum(n_tokens, 1.0)  # token-mean weights for metrics
-  pg, clipped, lower, neg_kl = L.policy_loss_terms(
-      logp, mb["old_logprobs"], mb["advantages"], cfg.clip_ratio_low, cfg.clip_ratio_high,
-      cfg.clip_ratio_c)
-  pg_loss = jnp.sum(pg * w)
-  ent_agg = jnp.sum(ent * w)
-  loss = pg_loss - cfg.entropy_coeff * ent_agg
-  aux = {
-      "actor/pg_loss": pg_loss,
-      "actor/entropy": jnp.sum(ent * wt),
-      "actor/pg_clipfrac": jnp.sum(clipped * wt),
-      "actor/pg_clipfrac_lower": jnp.sum(lower * wt),
-      "actor/ppo_kl": jnp.sum(-neg_kl * wt),
-  }
-  if cfg.use_kl_loss:
-    kl = jnp.sum(kl_penalty(logp, mb["ref_logprobs"], cfg.kl_loss_type) * w)
-    loss = loss + cfg.kl_loss_coef * kl
-    aux["actor/kl_loss"] = kl
-  return loss, aux
+    logits = _logits(graphdef, params, mb["input_ids"], mb["attention_mask"], cfg.temperature)
+    logp, ent = L.sequence_logprobs(logits, mb["input_ids"], with_entropy=True)
+    m = mb["loss_mask"].astype(jnp.float32)
+    w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
+    wt = m / jnp.maximum(n_tokens, 1.0)  # token-mean weights for metrics
+    pg, clipped, lower, neg_kl = L.policy_loss_terms(
+        logp,
+        mb["old_logprobs"],
+        mb["advantages"],
+        cfg.clip_ratio_low,
+        cfg.clip_ratio_high,
+        cfg.clip_ratio_c,
+    )
+    pg_loss = jnp.sum(pg * w)
+    ent_agg = jnp.sum(ent * w)
+    loss = pg_loss - cfg.entropy_coeff * ent_agg
+    aux = {
+        "actor/pg_loss": pg_loss,
+        "actor/entropy": jnp.sum(ent * wt),
+        "actor/pg_clipfrac": jnp.sum(clipped * wt),
+        "actor/pg_clipfrac_lower": jnp.sum(lower * wt),
+        "actor/ppo_kl": jnp.sum(-neg_kl * wt),
+    }
+    if cfg.use_kl_loss:
+        kl = jnp.sum(kl_penalty(logp, mb["ref_logprobs"], cfg.kl_loss_type) * w)
+        loss = loss + cfg.kl_loss_coef * kl
+        aux["actor/kl_loss"] = kl
+    return loss, aux
 
 
 def critic_loss(params, graphdef, mb, n_tokens, n_seqs, cfg: CriticConfig):
-  vpred = _values(graphdef, params, mb["input_ids"], mb["attention_mask"])
-  m = mb["loss_mask"].astype(jnp.float32)
-  w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
-  wt = m / jnp.maximum(n_tokens, 1.0)
-  per_tok, clipped = L.value_loss_terms(vpred, mb["values"], mb["returns"], cfg.cliprange_value)
-  loss = jnp.sum(per_tok * w)
-  r, d = mb["returns"], mb["returns"] - vpred
-  # Moments for the mini-batch explained variance, assembled after accumulation.
-  aux = {
-      "critic/vf_loss": loss,
-      "critic/vf_clipfrac": jnp.sum(clipped * wt),
-      "critic/vpred_mean": jnp.sum(vpred * wt),
-      "_r": jnp.sum(r * wt), "_r2": jnp.sum(r * r * wt),
-      "_d": jnp.sum(d * wt), "_d2": jnp.sum(d * d * wt),
-  }
-  return loss, aux
+    vpred = _values(graphdef, params, mb["input_ids"], mb["attention_mask"])
+    m = mb["loss_mask"].astype(jnp.float32)
+    w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
+    wt = m / jnp.maximum(n_tokens, 1.0)
+    per_tok, clipped = L.value_loss_terms(vpred, mb["values"], mb["returns"], cfg.cliprange_value)
+    loss = jnp.sum(per_tok * w)
+    r, d = mb["returns"], mb["returns"] - vpred
+    # Moments for the mini-batch explained variance, assembled after accumulation.
+    aux = {
+        "critic/vf_loss": loss,
+        "critic/vf_clipfrac": jnp.sum(clipped * wt),
+        "critic/vpred_mean": jnp.sum(vpred * wt),
+        "_r": jnp.sum(r * wt),
+        "_r2": jnp.sum(r * r * wt),
+        "_d": jnp.sum(d * wt),
+        "_d2": jnp.sum(d * d * wt),
+    }
+    return loss, aux
 
 
 def _finish_critic_aux(aux):
-  var_r = aux.pop("_r2") - jnp.square(aux.pop("_r"))
-  var_d = aux.pop("_d2") - jnp.square(aux.pop("_d"))
-  aux["critic/vf_explained_var"] = jnp.where(var_r > 0, 1.0 - var_d / jnp.where(var_r > 0, var_r, 1),
-                                             0.0)
-  return aux
+    var_r = aux.pop("_r2") - jnp.square(aux.pop("_r"))
+    var_d = aux.pop("_d2") - jnp.square(aux.pop("_d"))
+    aux["critic/vf_explained_var"] = jnp.where(
+        var_r > 0, 1.0 - var_d / jnp.where(var_r > 0, var_r, 1), 0.0
+    )
+    return aux
 
 
 # --------------------------------------------------------------------------------------------
 # the update
 
 
-def _make_update(loss_fn: Callable, prefix: str, keys: tuple[str, ...], cfg: OptimConfig,
-                 mesh: Mesh, state: TrainState, finish_aux: Callable = lambda a: a):
-  """Jitted (state, batch, rng) -> (state, metrics) for one training step (see module doc)."""
-  graphdef, tx = state.graphdef, state.tx
-  st_sh = train_state_shardings(state, mesh)
-  dp = data_axes(mesh)
-  n_dp = 1
-  for a in dp:
-    n_dp *= mesh.shape[a]
-  micro = cfg.micro_batch_size
-  if micro % n_dp:
-    raise ValueError(f"{prefix}.ppo_micro_batch_size={micro}: must be a multiple of the "
-                     f"data-parallel ways ({n_dp} = data x fsdp)")
-  sched = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.total_steps,
-                      cfg.min_lr_ratio)
-  batch_sh = NamedSharding(mesh, P(dp or None))
-  micro_sh = NamedSharding(mesh, P(None, dp or None))
-  rep = shd.replicated(mesh)
+def _make_update(
+    loss_fn: Callable,
+    prefix: str,
+    keys: tuple[str, ...],
+    cfg: OptimConfig,
+    mesh: Mesh,
+    state: TrainState,
+    finish_aux: Callable = lambda a: a,
+):
+    """Jitted (state, batch, rng) -> (state, metrics) for one training step (see module doc)."""
+    graphdef, tx = state.graphdef, state.tx
+    st_sh = train_state_shardings(state, mesh)
+    dp = data_axes(mesh)
+    n_dp = 1
+    for a in dp:
+        n_dp *= mesh.shape[a]
+    micro = cfg.micro_batch_size
+    if micro % n_dp:
+        raise ValueError(
+            f"{prefix}.ppo_micro_batch_size={micro}: must be a multiple of the "
+            f"data-parallel ways ({n_dp} = data x fsdp)"
+        )
+    sched = lr_schedule(
+        cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.total_steps, cfg.min_lr_ratio
+    )
+    batch_sh = NamedSharding(mesh, P(dp or None))
+    micro_sh = NamedSharding(mesh, P(None, dp or None))
+    rep = shd.replicated(mesh)
 
-  def step_fn(state: TrainState, batch: dict, rng: jax.Array):
-    b = batch["input_ids"].shape[0]
-    mini = cfg.ppo_mini_batch_size
-    n_mini, n_micro = b // mini, mini // micro
-    if cfg.shuffle:
-      perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
-          jax.random.split(rng, cfg.ppo_epochs))
-    else:
-      perms = jnp.tile(jnp.arange(b), (cfg.ppo_epochs, 1))
-    idx = perms.reshape(cfg.ppo_epochs * n_mini, n_micro, micro)
-    lr = jnp.asarray(sched(state.step), jnp.float32)
+    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
+        b = batch["input_ids"].shape[0]
+        mini = cfg.ppo_mini_batch_size
+        n_mini, n_micro = b // mini, mini // micro
+        if cfg.shuffle:
+            perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
+                jax.random.split(rng, cfg.ppo_epochs)
+            )
+        else:
+            perms = jnp.tile(jnp.arange(b), (cfg.ppo_epochs, 1))
+        idx = perms.reshape(cfg.ppo_epochs * n_mini, n_micro, micro)
+        lr = jnp.asarray(sched(state.step), jnp.float32)
 
-    def mini_step(carry, ix):
-      params, opt_state = carry
-      mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[ix], micro_sh), batch)
-      n_tok = jnp.sum(mb["loss_mask"].astype(jnp.float32))
+        def mini_step(carry, ix):
+            params, opt_state = carry
+            mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[ix], micro_sh), batch)
+            n_tok = jnp.sum(mb["loss_mask"].astype(jnp.float32))
 
-      def micro_step(g_acc, mc):
-        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, graphdef, mc, n_tok, float(mini), cfg)
-        return jax.tree.map(jnp.add, g_acc, g), aux
+            def micro_step(g_acc, mc):
+                (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
+                    params, graphdef, mc, n_tok, float(mini), cfg
+                )
+                return jax.tree.map(jnp.add, g_acc, g), aux
 
-      zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), st_sh.params)
-      grads, aux = jax.lax.scan(micro_step, zeros, mb)
-      aux = finish_aux(jax.tree.map(lambda x: jnp.sum(x, 0), aux))
-      gnorm = optax.tree.norm(grads)
-      scale = jnp.minimum(1.0, cfg.grad_clip / (gnorm + 1e-6))
-      grads = jax.tree.map(lambda g: g * scale, grads)
-      opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-      updates, new_opt = tx.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      ok = jnp.isfinite(gnorm)  # a non-finite gradient skips the step, as veRL
-      new_params, new_opt = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt),
-                                         (params, opt_state))
-      aux[f"{prefix}/grad_norm"] = gnorm
-      return (new_params, new_opt), aux
+            zeros = jax.lax.with_sharding_constraint(
+                jax.tree.map(jnp.zeros_like, params), st_sh.params
+            )
+            grads, aux = jax.lax.scan(micro_step, zeros, mb)
+            aux = finish_aux(jax.tree.map(lambda x: jnp.sum(x, 0), aux))
+            gnorm = optax.tree.norm(grads)
+            scale = jnp.minimum(1.0, cfg.grad_clip / (gnorm + 1e-6))
+            grads = jax.tree.map(lambda g: g * scale, grads)
+            opt_state = opt_state._replace(
+                hyperparams={**opt_state.hyperparams, "learning_rate": lr}
+            )
+            updates, new_opt = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            ok = jnp.isfinite(gnorm)  # a non-finite gradient skips the step, as veRL
+            new_params, new_opt = jax.tree.map(
+                lambda n, o: jnp.where(ok, n, o), (new_params, new_opt), (params, opt_state)
+            )
+            aux[f"{prefix}/grad_norm"] = gnorm
+            return (new_params, new_opt), aux
 
-    (params, opt_state), aux = jax.lax.scan(mini_step, (state.params, state.opt_state), idx)
-    metrics = jax.tree.map(jnp.mean, aux)
-    metrics[f"{prefix}/lr"] = lr
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+        (params, opt_state), aux = jax.lax.scan(mini_step, (state.params, state.opt_state), idx)
+        metrics = jax.tree.map(jnp.mean, aux)
+        metrics[f"{prefix}/lr"] = lr
+        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return new_state, metrics
 
-  jitted = jax.jit(step_fn, in_shardings=(st_sh, batch_sh, rep), out_shardings=(st_sh, rep),
-                   donate_argnums=(0,))
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(st_sh, batch_sh, rep),
+        out_shardings=(st_sh, rep),
+        donate_argnums=(0,),
+    )
 
-  def update(state: TrainState, batch: dict, rng: jax.Array):
-    missing = [k for k in keys if k not in batch]
-    if missing:
-      raise KeyError(f"{prefix} update: batch lacks {missing}")
-    b = batch["input_ids"].shape[0]
-    if b % cfg.ppo_mini_batch_size:
-      raise ValueError(f"{prefix}.ppo_mini_batch_size={cfg.ppo_mini_batch_size} must divide "
-                       f"the batch size {b}")
-    return jitted(state, {k: batch[k] for k in keys}, rng)
+    def update(state: TrainState, batch: dict, rng: jax.Array):
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise KeyError(f"{prefix} update: batch lacks {missing}")
+        b = batch["input_ids"].shape[0]
+        if b % cfg.ppo_mini_batch_size:
+            raise ValueError(
+                f"{prefix}.ppo_mini_batch_size={cfg.ppo_mini_batch_size} must divide "
+                f"the batch size {b}"
+            )
+        return jitted(state, {k: batch[k] for k in keys}, rng)
 
-  update.jitted = jitted  # for .lower(...).compile() memory reports
-  return update
+    update.jitted = jitted  # for .lower(...).compile() memory reports
+    return update
 
 
 def make_actor_update(cfg: ActorConfig, mesh: Mesh, state: TrainState):
-  """``actor_update(state, batch, rng) -> (state, metrics)`` for states shaped like ``state``.
+    """``actor_update(state, batch, rng) -> (state, metrics)`` for states shaped like ``state``.
 
-  Metrics (means over mini-batches): actor/pg_loss, actor/entropy, actor/pg_clipfrac,
-  actor/pg_clipfrac_lower, actor/ppo_kl, actor/kl_loss (with use_kl_loss), actor/grad_norm
-  (before clipping), actor/lr.
-  """
-  keys = ACTOR_KEYS + (("ref_logprobs",) if cfg.use_kl_loss else ())
-  return _make_update(actor_loss, "actor", keys, cfg, mesh, state)
+    Metrics (means over mini-batches): actor/pg_loss, actor/entropy, actor/pg_clipfrac,
+    actor/pg_clipfrac_lower, actor/ppo_kl, actor/kl_loss (with use_kl_loss), actor/grad_norm
+    (before clipping), actor/lr.
+    """
+    keys = ACTOR_KEYS + (("ref_logprobs",) if cfg.use_kl_loss else ())
+    return _make_update(actor_loss, "actor", keys, cfg, mesh, state)
 
 
 def make_critic_update(cfg: CriticConfig, mesh: Mesh, state: TrainState):
-  """``critic_update(state, batch, rng) -> (state, metrics)``: critic/vf_loss, vf_clipfrac,
-  vpred_mean, vf_explained_var (of the pre-step predictions), grad_norm, lr."""
-  return _make_update(critic_loss, "critic", CRITIC_KEYS, cfg, mesh, state, _finish_critic_aux)
+    """``critic_update(state, batch, rng) -> (state, metrics)``: critic/vf_loss, vf_clipfrac,
+    vpred_mean, vf_explained_var (of the pre-step predictions), grad_norm, lr."""
+    return _make_update(critic_loss, "critic", CRITIC_KEYS, cfg, mesh, state, _finish_critic_aux)

@@ -3,8 +3,8 @@
 import pytest
 
 import envs
-from envs.base import MULTI_ACTION_ERROR, parse_agentgym_action, parse_last_action
 from envs.babyai import ALL_LEVELS, BabyAIEnv, expert_action
+from envs.base import MULTI_ACTION_ERROR, parse_agentgym_action, parse_last_action
 from envs.searchqa import INVALID, exact_match, normalize_answer
 from envs.textcraft import expert_plan
 from envs.webshop import attribute_reward, expert_actions
@@ -18,12 +18,18 @@ def act(text):
 
 # -- registry -----------------------------------------------------------------------------------
 def test_registry_lists_and_errors():
-    assert {"babyai", "textcraft", "sciworld", "searchqa", "webshop", "http"} <= set(envs.list_envs())
+    assert {"babyai", "textcraft", "sciworld", "searchqa", "webshop", "http"} <= set(
+        envs.list_envs()
+    )
     with pytest.raises(ValueError, match="unknown env 'babycat'; valid envs: babyai, "):
         envs.make("babycat")
-    with pytest.raises(TypeError, match=r"valid arguments: \['levels', 'reward', 'test_seeds', 'train_seeds'\]"):
+    with pytest.raises(
+        TypeError, match=r"valid arguments: \['levels', 'reward', 'test_seeds', 'train_seeds'\]"
+    ):
         envs.make("babyai", level="x")
-    with pytest.raises(ValueError, match="unknown BabyAI level 'Nope'; valid levels: .*GoToRedBall"):
+    with pytest.raises(
+        ValueError, match="unknown BabyAI level 'Nope'; valid levels: .*GoToRedBall"
+    ):
         envs.make("babyai", levels=["Nope"])
     with pytest.raises(ValueError, match="valid splits: train, test"):
         envs.task_ids("babyai", "dev")
@@ -37,18 +43,30 @@ def test_initial_messages_shape():
     msgs = envs.initial_messages(env, obs, system="sys")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert "Thought:" in msgs[1]["content"] and "Action:" in msgs[1]["content"]
-    assert msgs[2]["content"] == "OK. I'll follow your instructions and try my best to solve the task."
-    assert msgs[3]["content"] == obs and obs.startswith("Crafting commands:\n") and "\n\nGoal: craft " in obs
+    assert (
+        msgs[2]["content"] == "OK. I'll follow your instructions and try my best to solve the task."
+    )
+    assert (
+        msgs[3]["content"] == obs
+        and obs.startswith("Crafting commands:\n")
+        and "\n\nGoal: craft " in obs
+    )
 
 
 # -- parsers ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("reply, action", [
-    ("Thought:\nhmm\n\nAction:\ngo to red ball 1", "go to red ball 1"),
-    ("Action: craft 1 blue dye using 1 lapis lazuli!\nmore text", "craft 1 blue dye using 1 lapis lazuli"),
-    ("Action:   turn   left. ", "turn left"),
-    ("no action at all", ""),
-    ("Action:\n\nturn left", "turn left"),  # \s* crosses blank lines, as AgentGym's regex does
-])
+@pytest.mark.parametrize(
+    "reply, action",
+    [
+        ("Thought:\nhmm\n\nAction:\ngo to red ball 1", "go to red ball 1"),
+        (
+            "Action: craft 1 blue dye using 1 lapis lazuli!\nmore text",
+            "craft 1 blue dye using 1 lapis lazuli",
+        ),
+        ("Action:   turn   left. ", "turn left"),
+        ("no action at all", ""),
+        ("Action:\n\nturn left", "turn left"),  # \s* crosses blank lines, as AgentGym's regex does
+    ],
+)
 def test_agentgym_parser(reply, action):
     assert parse_agentgym_action(reply).action == action
 
@@ -81,7 +99,9 @@ def test_babyai_task_id_scheme():
     easy = BabyAIEnv(levels=EASY)
     assert easy.level_of(4) == ("BabyAI-GoToObj-v0", 1)
     assert BabyAIEnv.task_ids("test", levels=EASY) == list(range(30))
-    assert BabyAIEnv.task_ids("train")[:2] == [400, 401] and len(BabyAIEnv.task_ids("train")) == 4000
+    assert (
+        BabyAIEnv.task_ids("train")[:2] == [400, 401] and len(BabyAIEnv.task_ids("train")) == 4000
+    )
     # A larger held-out split moves the train seeds up: the splits never share a (level, seed).
     kw = dict(levels=EASY, test_seeds=50, train_seeds=20)
     test, train = envs.task_ids("babyai", "test", **kw), envs.task_ids("babyai", "train", **kw)
@@ -95,13 +115,19 @@ def test_babyai_task_id_scheme():
 def test_babyai_text_and_actions():
     env = envs.make("babyai", levels=["GoToRedBallNoDists"])
     obs = env.reset(0)
-    assert obs.startswith("Your goal: go to the red ball\nIn front of you in this room, you can see several objects: "
-                          "There is a red ball 1 4 steps in front of you and 3 steps to your right.  ")
-    assert obs.endswith('You are not carrying anything.\nAvailable actions: ["turn left", "turn right", "move forward", '
-                        '"pick up red ball 1", "go to red ball 1", "check available actions"]')
+    assert obs.startswith(
+        "Your goal: go to the red ball\nIn front of you in this room, you can see several objects: "
+        "There is a red ball 1 4 steps in front of you and 3 steps to your right.  "
+    )
+    assert obs.endswith(
+        'You are not carrying anything.\nAvailable actions: ["turn left", "turn right", "move forward", '
+        '"pick up red ball 1", "go to red ball 1", "check available actions"]'
+    )
     assert env.reset(0) == obs  # deterministic per task id
     bad = env.step(act("fly away"))
-    assert bad.observation.startswith("The action is not recognized. Please check valid actions.\nAvailable actions: [")
+    assert bad.observation.startswith(
+        "The action is not recognized. Please check valid actions.\nAvailable actions: ["
+    )
     assert (bad.reward, bad.done, bad.info["action_is_valid"]) == (0.0, False, False)
     assert env.step("no action").observation.startswith("No change in state.")
     turned = env.step(act("turn right"))
@@ -134,10 +160,16 @@ def test_babyai_score_reward_mode():
 # -- TextCraft ----------------------------------------------------------------------------------
 def test_textcraft_walk_and_errors():
     env = envs.make("textcraft")
-    assert envs.task_ids("textcraft", "test") == list(range(100)) and len(envs.task_ids("textcraft")) == 319
+    assert (
+        envs.task_ids("textcraft", "test") == list(range(100))
+        and len(envs.task_ids("textcraft")) == 319
+    )
     obs = env.reset(0)
     assert obs.endswith("Goal: craft polished granite slab.")
-    assert env.step(act("get 1 polished granite slab")).observation == "Could not find polished granite slab"
+    assert (
+        env.step(act("get 1 polished granite slab")).observation
+        == "Could not find polished granite slab"
+    )
     assert env.step(act("inventory")).observation == "Inventory: You are not carrying anything."
     assert env.step("nothing").observation == "Could not execute "
     plan = expert_plan(obs, env._game.crafting_tree)
@@ -164,11 +196,16 @@ def test_answer_normalisation():
 
 def test_searchqa_search_then_answer():
     env = envs.make("searchqa")
-    assert len(envs.task_ids("searchqa", "test")) == 144 and len(envs.task_ids("searchqa", "train")) == 576
+    assert (
+        len(envs.task_ids("searchqa", "test")) == 144
+        and len(envs.task_ids("searchqa", "train")) == 576
+    )
     obs = env.reset(0)
     assert obs == "Question: In which country was the cartographer Dunlun Praosnia born?"
     info = env.step("<think>who?</think>\n<search> Dunlun Praosnia </search>")
-    assert info.observation.startswith("\n\n<information>Doc 1(Title: Dunlun Praosnia) Dunlun Praosnia was a cartographer")
+    assert info.observation.startswith(
+        "\n\n<information>Doc 1(Title: Dunlun Praosnia) Dunlun Praosnia was a cartographer"
+    )
     assert info.observation.endswith("</information>\n\n") and not info.done
     assert env.step("I think I know").observation == INVALID
     wrong = env.step("<answer>Arnov</answer>")
@@ -182,18 +219,29 @@ def test_searchqa_search_then_answer():
 def test_webshop_expert_and_partial_reward():
     env = envs.make("webshop")
     obs = env.reset(0)
-    assert obs.startswith("WebShop [SEP] Instruction: [SEP] i need slim fit and wrinkle free dress shirt with size medium")
+    assert obs.startswith(
+        "WebShop [SEP] Instruction: [SEP] i need slim fit and wrinkle free dress shirt with size medium"
+    )
     assert obs.endswith('Available Actions: {"has_search_bar": true, "clickables": []}')
     assert env.step(act("click[Buy Now]")).info["invalid"]
     for a in expert_actions(env.goal):
         res = env.step(act(a))
     assert res.done and res.reward == 1.0
-    goal = {"type": "t-shirt", "category": "clothing", "attributes": ["cotton", "slim fit"],
-            "options": {"color": "red", "size": "large"}, "price_upper": 20.0}
+    goal = {
+        "type": "t-shirt",
+        "category": "clothing",
+        "attributes": ["cotton", "slim fit"],
+        "options": {"color": "red", "size": "large"},
+        "price_upper": 20.0,
+    }
     product = {"type": "t-shirt", "category": "clothing", "attributes": ["cotton"], "price": 30.0}
-    assert attribute_reward(product, {"color": "red", "size": "small"}, goal)["reward"] == pytest.approx(2 / 5)
+    assert attribute_reward(product, {"color": "red", "size": "small"}, goal)[
+        "reward"
+    ] == pytest.approx(2 / 5)
     product = dict(product, type="hoodie", price=10.0)
-    assert attribute_reward(product, {"color": "red", "size": "large"}, goal)["reward"] == pytest.approx(0.5 * 4 / 5)
+    assert attribute_reward(product, {"color": "red", "size": "large"}, goal)[
+        "reward"
+    ] == pytest.approx(0.5 * 4 / 5)
 
 
 def test_webshop_navigation():

@@ -27,7 +27,9 @@ class Server:
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -76,8 +78,14 @@ def test_server_errors_are_200_json(babyai_server):
         if "id" in r:
             assert c.post("/close", json={"id": r["id"]}).json()["closed"]
     r = c.post("/create").json()
-    assert "non-integer data_idx" in c.post("/reset", json={"id": r["id"], "data_idx": "x"}).json()["error"]
-    assert "not been reset" in c.post("/step", json={"id": r["id"], "action": "turn left"}).json()["error"]
+    assert (
+        "non-integer data_idx"
+        in c.post("/reset", json={"id": r["id"], "data_idx": "x"}).json()["error"]
+    )
+    assert (
+        "not been reset"
+        in c.post("/step", json={"id": r["id"], "action": "turn left"}).json()["error"]
+    )
     c.post("/close", json={"id": r["id"]})
 
 
@@ -93,8 +101,13 @@ def _agentgym_babyai_standin():
 
     @app.post("/reset")
     def reset(body: dict):
-        return {"observation": f"Your goal: go to the red ball\nTask {body['data_idx']}\nAvailable actions: [\"turn left\"]",
-                "reward": 0, "score": 0, "deleted": False, "done": False}
+        return {
+            "observation": f'Your goal: go to the red ball\nTask {body["data_idx"]}\nAvailable actions: ["turn left"]',
+            "reward": 0,
+            "score": 0,
+            "deleted": False,
+            "done": False,
+        }
 
     @app.post("/step")
     def step(body: dict):
@@ -102,7 +115,12 @@ def _agentgym_babyai_standin():
             return {"error": f"The task with environment {body['id']} has finished."}
         state["done"][body["id"]] = body["action"] == "go to red ball 1"
         hit = state["done"][body["id"]]
-        return {"observation": f"did {body['action']}", "reward": 0.25 if hit else 0, "score": 0.9 if hit else 0, "done": hit}
+        return {
+            "observation": f"did {body['action']}",
+            "reward": 0.25 if hit else 0,
+            "score": 0.9 if hit else 0,
+            "done": hit,
+        }
 
     return app
 
@@ -122,7 +140,11 @@ def _agentgym_searchqa_standin():
     @app.post("/step")
     def step(body: dict):
         assert body["env_idx"] == 5
-        return {"observation": "", "reward": 1.0 if "<answer>" in body["action"] else 0.0, "done": True}
+        return {
+            "observation": "",
+            "reward": 1.0 if "<answer>" in body["action"] else 0.0,
+            "done": True,
+        }
 
     return app
 

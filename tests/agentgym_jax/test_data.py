@@ -12,7 +12,9 @@ def test_order_is_seeded_and_covers_each_epoch():
     b = TaskSampler(range(12), batch_size=4, seed=3)
     first = [next(a) for _ in range(6)]
     assert first == [next(b) for _ in range(6)]
-    assert sorted(sum(first[:3], [])) == list(range(12)) and sorted(sum(first[3:], [])) == list(range(12))
+    assert sorted(sum(first[:3], [])) == list(range(12)) and sorted(sum(first[3:], [])) == list(
+        range(12)
+    )
     assert first[:3] != first[3:], "each epoch is reshuffled"
     assert first != [next(TaskSampler(range(12), 4, seed=4)) for _ in range(6)]
 
@@ -39,6 +41,8 @@ def test_state_from_other_sampler_is_rejected():
 
 
 def test_env_task_sampler():
-    s = env_task_sampler("babyai", "test", batch_size=5, seed=0, levels=["GoToRedBallNoDists", "GoToObj"])
+    s = env_task_sampler(
+        "babyai", "test", batch_size=5, seed=0, levels=["GoToRedBallNoDists", "GoToObj"]
+    )
     batch = next(s)
     assert len(batch) == 5 and all(0 <= t < 20 for t in batch)

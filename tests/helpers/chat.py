@@ -46,24 +46,38 @@ GEMMA_TEMPLATE = (
 
 FAMILIES = {
     "qwen": dict(
-        template=QWEN25_TEMPLATE, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        template=QWEN25_TEMPLATE,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
     ),
     "llama3": dict(
         template=LLAMA3_TEMPLATE,
-        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|end_of_text|>",
+        specials=[
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        pad="<|end_of_text|>",
     ),
     "gemma": dict(
-        template=GEMMA_TEMPLATE, specials=["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
-        bos="<bos>", eos="<eos>", pad="<pad>",
+        template=GEMMA_TEMPLATE,
+        specials=["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
     ),
 }
 
 CORPUS = [
     "You are a helpful assistant. Your goal: go to the red ball.",
     "Thought: I should look around first.\nAction: turn left",
-    "Available actions: [\"turn left\", \"turn right\", \"move forward\", \"go to red ball 1\"]",
+    'Available actions: ["turn left", "turn right", "move forward", "go to red ball 1"]',
     "Crafting commands:\ncraft 4 oak planks using 1 oak log\n\nGoal: craft wooden pickaxe.",
     "<tool_response> search results: Paris is the capital of France. </tool_response>",
     "OK. I'll follow your instructions and try my best to solve the task.",
@@ -71,20 +85,24 @@ CORPUS = [
 
 
 def make_tokenizer(family: str):
-  """A PreTrainedTokenizerFast: byte-level BPE trained on CORPUS + the family's specials/template."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
+    """A PreTrainedTokenizerFast: byte-level BPE trained on CORPUS + the family's specials/template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-  f = FAMILIES[family]
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=400, special_tokens=f["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-  )
-  tok.train_from_iterator(CORPUS * 4, trainer)
-  kw = {k + "_token": f[k] for k in ("bos", "eos", "pad") if f[k]}
-  hf = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
-  hf.add_special_tokens({"additional_special_tokens": [s for s in f["specials"] if s not in kw.values()]})
-  hf.chat_template = f["template"]
-  return hf
+    f = FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=f["specials"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    kw = {k + "_token": f[k] for k in ("bos", "eos", "pad") if f[k]}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+    hf.add_special_tokens(
+        {"additional_special_tokens": [s for s in f["specials"] if s not in kw.values()]}
+    )
+    hf.chat_template = f["template"]
+    return hf

@@ -7,12 +7,7 @@ asynchronously the way the rollout does. Prints one JSON object.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-
-# This file is named envs.py: keep its own folder off the path so `envs` is the package.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from envs.babyai import expert_action
 from envs.pool import EnvPool
@@ -21,7 +16,9 @@ from envs.textcraft import expert_plan
 BABYAI = dict(levels=["GoToRedBallNoDists", "GoToObj", "GoToLocal", "PickupLoc"])
 
 
-def run(env_name: str, kwargs: dict, num_workers: int, episodes: int = 16, duration: float = 6.0) -> float:
+def run(
+    env_name: str, kwargs: dict, num_workers: int, episodes: int = 16, duration: float = 6.0
+) -> float:
     plans: dict[int, list[str]] = {}
     obs: dict[int, str] = {}
     turns: dict[int, int] = {}
@@ -38,7 +35,9 @@ def run(env_name: str, kwargs: dict, num_workers: int, episodes: int = 16, durat
 
     with EnvPool(num_workers=num_workers, step_timeout=60) as pool:
         for ep in range(episodes):
-            pool.submit_reset(ep, env_name, (next_task[0] + ep) % (10**6 if env_name == "babyai" else 30), kwargs)
+            pool.submit_reset(
+                ep, env_name, (next_task[0] + ep) % (10**6 if env_name == "babyai" else 30), kwargs
+            )
         next_task[0] += episodes
         warm = pool.poll(timeout=60)
         pending = {ep for ep, _ in warm}
@@ -53,7 +52,9 @@ def run(env_name: str, kwargs: dict, num_workers: int, episodes: int = 16, durat
                     obs[ep], turns[ep] = res.observation, 0
                     plans[ep] = expert_plan(res.observation) if env_name == "textcraft" else []
                 elif res.done or turns.get(ep, 0) > 20:
-                    pool.submit_reset(ep, env_name, next_task[0] % (10**6 if env_name == "babyai" else 30), kwargs)
+                    pool.submit_reset(
+                        ep, env_name, next_task[0] % (10**6 if env_name == "babyai" else 30), kwargs
+                    )
                     next_task[0] += 1
                     continue
                 else:

@@ -1,0 +1,232 @@
+"""The shipped tiny BabyAI model and tokenizer, and a miniature `pretrain_tiny` run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from agentgym_jax import tiny
+
+SHIPPED = tiny.DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.load_tokenizer(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def transcripts():
+    env = tiny._make_env(tiny.DEFAULT_LEVELS)
+    rng = random.Random(0)
+    eps = [tiny.random_episode(env, tid, rng, 5) for tid in (0, 1, 2, 3, 41, 46)]
+    msgs = [
+        [{"role": "user", "content": env.instruction()}, {"role": "assistant", "content": env.ack}]
+        + e["messages"]
+        for e in eps
+    ]
+    env.close()
+    return msgs
+
+
+def test_shipped_files_and_size():
+    names = set(os.listdir(SHIPPED))
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "pretrain_info.json",
+    ):
+        assert f in names, f"{f} missing from {SHIPPED}"
+    total = sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in names)
+    assert total < 8 * 1024**2, f"assets are {total / 2**20:.1f} MiB; keep them under 8 MiB"
+
+
+def test_chat_template_renders_chatml(tok):
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "go"},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+        "<|im_start|>user\ngo<|im_end|>\n<|im_start|>assistant\n"
+    )
+    custom = tok.apply_chat_template(
+        [{"role": "system", "content": "S"}] + msgs[:1], tokenize=False
+    )
+    assert custom == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    ids = tok.apply_chat_template(
+        msgs, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    assert ids == tok.encode(text, add_special_tokens=False)
+    # Specials are single, atomic ids; eos is the end-of-turn token, pad is <|endoftext|>.
+    for t in tiny.SPECIAL_TOKENS:
+        assert len(tok.encode(t, add_special_tokens=False)) == 1
+    assert tok.eos_token == tiny.IM_END and tok.pad_token == tiny.EOT
+    assert ids.count(tok.convert_tokens_to_ids(tiny.IM_START)) == 5
+
+
+def test_tokenizer_round_trips_transcripts(tok, transcripts):
+    for msgs in transcripts:
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        # Env text is mostly whole-word tokens (the point of training on it).
+        assert len(ids) < 0.4 * len(text)
+    odd = "Thought:\nünïcode ✓ 12345  tabs\tand\n\nAction:\ngo to red ball 1"
+    assert tok.decode(tok.encode(odd, add_special_tokens=False)) == odd
+
+
+def test_encoding_is_stable_under_concatenation_at_message_boundaries(tok, transcripts):
+    """What the rollout relies on: per-message token deltas concatenate to the full encoding."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    for msgs in transcripts:
+        full = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        # Deltas between consecutive rendered prefixes (with and without generation prompt).
+        prev_text, pieces = "", []
+        for k in range(1, len(msgs) + 1):
+            gen = msgs[k - 1]["role"] == "user" and k < len(msgs)
+            text = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=gen)
+            assert text.startswith(prev_text)
+            pieces.append(enc(text[len(prev_text) :]))
+            prev_text = text
+        assert sum(pieces, []) == full
+        # The split a sampler makes: model reply up to <|im_end|>, then "\n<|im_start|>user\n...".
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        cuts = [i + len(tiny.IM_END) for i in range(len(text)) if text.startswith(tiny.IM_END, i)]
+        cuts += [
+            i + len("<|im_start|>assistant\n")
+            for i in range(len(text))
+            if text.startswith("<|im_start|>assistant\n", i)
+        ]
+        for c in cuts:
+            assert enc(text[:c]) + enc(text[c:]) == full
+
+
+def test_shipped_model_loads_and_matches_tokenizer(tok):
+    import jax.numpy as jnp
+
+    from agentgym_jax.models import ModelConfig, from_pretrained
+
+    with open(os.path.join(SHIPPED, "pretrain_info.json")) as f:
+        info = json.load(f)
+    model = from_pretrained(SHIPPED)
+    cfg = model.config
+    assert cfg == ModelConfig.from_pretrained(SHIPPED)
+    assert cfg.model_type == "qwen2" and cfg.tie_word_embeddings
+    assert cfg.vocab_size == len(tok) == info["vocab_size"]
+    assert cfg.hidden_size == info["settings"]["hidden"]
+    assert cfg.num_hidden_layers == info["settings"]["layers"]
+    assert cfg.eos_token_ids[0] == tok.convert_tokens_to_ids(tiny.IM_END) == info["stop_token_id"]
+    assert cfg.pad_token_id == tok.pad_token_id
+    import envs
+
+    env = tiny._make_env(tiny.DEFAULT_LEVELS)
+    msgs = envs.initial_messages(env, env.reset(0))
+    env.close()
+    ids = tok.apply_chat_template(
+        msgs, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    logits = model(jnp.asarray([ids]))
+    assert logits.shape == (1, len(ids), cfg.vocab_size)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    # Trained, not random: after the generation prompt it starts its reply with "Thought".
+    assert tok.decode([int(jnp.argmax(logits[0, -1]))]) == "Thought"
+
+
+def test_shipped_model_replies_are_well_formed(tok):
+    """One sampled turn (temperature 1) on test tasks: the reply format and a valid action."""
+    import envs
+    from agentgym_jax.models import from_pretrained
+
+    model = from_pretrained(SHIPPED)
+    env = tiny._make_env(tiny.DEFAULT_LEVELS)
+    ids = envs.task_ids("babyai", "test", levels=list(tiny.DEFAULT_LEVELS))[:8]
+    obs = [env.reset(t) for t in ids]
+    prompts = [
+        tok.apply_chat_template(
+            envs.initial_messages(env, o),
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for o in obs
+    ]
+    env.close()
+    sampler = tiny._Sampler(model, max_len=1024, batch=len(ids), seed=0)
+    outs = sampler.generate(prompts, 48, 1.0, tok.convert_tokens_to_ids(tiny.IM_END))
+    valid = 0
+    for o, row in zip(obs, outs):
+        m = tiny.REPLY_RE.match(tok.decode(row[:-1]))
+        valid += bool(
+            row
+            and row[-1] == tok.convert_tokens_to_ids(tiny.IM_END)
+            and m
+            and m.group(1) in tiny.offered_actions(o)
+        )
+    assert valid >= 6, [tok.decode(r) for r in outs]
+
+
+def test_pretrain_tiny_miniature(tmp_path):
+    from transformers import AutoTokenizer
+
+    from agentgym_jax.models import from_pretrained
+
+    out = tiny.pretrain_tiny(
+        tmp_path / "m",
+        levels=["GoToRedBallNoDists"],
+        episodes=6,
+        steps=12,
+        seed=0,
+        max_turns=2,
+        vocab_size=600,
+        hidden=32,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        batch=2,
+        seq_len=640,
+        lr=1e-2,
+        baseline_horizon=2,
+        baseline_repeats=1,
+    )
+    with open(os.path.join(out, "pretrain_info.json")) as f:
+        info = json.load(f)
+    assert info["loss_last10"] < info["loss_first"] - 0.5, info
+    assert info["levels"] == ["GoToRedBallNoDists"]
+    assert len(info["random_baseline_test"]["success_by_turn"]) == 2
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    model = from_pretrained(out)
+    assert model.config.vocab_size == len(tok) and model.config.hidden_size == 32
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    ).endswith("<|im_start|>assistant\n")
+    assert np.isfinite(info["loss_last10"])
+
+
+def test_pretrain_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="episodes"):
+        tiny.pretrain_tiny(tmp_path, episodes=0, steps=1)
+    with pytest.raises(ValueError, match="preamble"):
+        tiny.pretrain_tiny(tmp_path, levels=["GoToRedBallNoDists"], episodes=2, steps=1, seq_len=64)
+
+
+def test_cli_passes_options_to_pretrain_tiny(capsys):
+    from agentgym_jax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain-tiny", "--help"])
+    assert e.value.code == 0
+    assert "--output-dir" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # the script's own parser sees (and rejects) the options
+        cli.main(["pretrain-tiny", "--steps", "3"])
+    assert e.value.code == 2
+    assert "--output-dir" in capsys.readouterr().err

@@ -1,0 +1,213 @@
+"""End to end: GRPO and PPO (GAE + critic) runs, exact resume, SIGTERM, corrupt checkpoints, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from agentgym_jax.config import load_config
+from agentgym_jax.metrics import read_jsonl
+from agentgym_jax.trainer import Trainer, train
+from tests.helpers import ROOT
+
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def model_dir(agent_dir):
+    return agent_dir
+
+
+def cfg_for(model_dir, out, *extra):
+    return load_config(
+        TINY,
+        [
+            f"model.path={model_dir}",
+            f"trainer.output_dir={out}",
+            "trainer.val_before_train=false",
+            *extra,
+        ],
+    )
+
+
+def params_of(run_dir, model_dir, step):
+    cfg = cfg_for(model_dir, run_dir)
+    t = Trainer(cfg)
+    try:
+        got = t.ckpt.restore(t._ckpt_state(), step)
+        return jax.tree.map(np.asarray, got[1])
+    finally:
+        t.close()
+
+
+def test_grpo_run_then_resume_is_bit_identical(model_dir, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    s = train(cfg_for(model_dir, straight, "trainer.total_training_steps=4", "actor.lr=1e-3"))
+    assert s["step"] == 4
+    rows = read_jsonl(os.path.join(straight, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for k in (
+        "train/reward_mean",
+        "train/success_rate",
+        "train/horizon",
+        "actor/grad_norm",
+        "actor/entropy",
+        "timing/rollout_s",
+        "timing/update_s",
+        "perf/tokens_per_s",
+    ):
+        assert k in rows[0], k
+    assert [r["train/horizon"] for r in rows] == [2.0, 2.0, 3.0, 3.0]  # ScalingInter stages
+    assert os.path.isfile(os.path.join(straight, "rollouts", "step_000004.json"))
+    assert "eval/success_rate" in rows[-1]
+
+    train(cfg_for(model_dir, resumed, "trainer.total_training_steps=2", "actor.lr=1e-3"))
+    train(cfg_for(model_dir, resumed, "trainer.total_training_steps=4", "actor.lr=1e-3"))
+    rows_r = read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    assert [r["step"] for r in rows_r] == [1, 2, 3, 4]  # no step logged twice
+    for a, b in zip(rows, rows_r):
+        for k in ("train/reward_mean", "train/turns_mean", "actor/pg_loss", "actor/grad_norm"):
+            assert a[k] == b[k], (a["step"], k)
+    pa, pb = params_of(straight, model_dir, 4), params_of(resumed, model_dir, 4)
+    leaves_a, leaves_b = jax.tree.leaves(pa), jax.tree.leaves(pb)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+    p1 = params_of(straight, model_dir, 3)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(p1), leaves_a)), (
+        "params never moved"
+    )
+
+
+def test_ppo_with_critic_runs(model_dir, tmp_path):
+    out = str(tmp_path / "ppo")
+    s = train(
+        cfg_for(
+            model_dir,
+            out,
+            "algorithm.adv_estimator=gae",
+            "critic.ppo_mini_batch_size=4",
+            "critic.lr=1e-3",
+            "actor.lr=1e-3",
+            "trainer.total_training_steps=3",
+            "trainer.test_freq=0",
+        )
+    )
+    assert s["step"] == 3
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert len(rows) == 3
+    for k in ("critic/vf_loss", "critic/vf_explained_var", "actor/pg_loss"):
+        assert all(np.isfinite(r[k]) for r in rows), k
+    # Export the trained actor (partial restore: the checkpoint also holds the critic).
+    import torch
+    import transformers
+
+    from agentgym_jax.trainer import export_checkpoint
+
+    exported = export_checkpoint(cfg_for(model_dir, out), str(tmp_path / "hf"))
+    ids = torch.tensor([[5, 9, 13, 21, 34]])
+    with torch.no_grad():
+        new = transformers.AutoModelForCausalLM.from_pretrained(exported)(ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
+    assert transformers.AutoTokenizer.from_pretrained(exported).chat_template
+    assert not torch.allclose(new, base), "export did not carry the trained weights"
+
+
+def test_corrupt_latest_checkpoint_falls_back(model_dir, tmp_path, caplog):
+    out = str(tmp_path / "run")
+    train(
+        cfg_for(
+            model_dir,
+            out,
+            "trainer.total_training_steps=2",
+            "trainer.test_freq=0",
+            "trainer.async_checkpoint=false",
+        )
+    )
+    ck = os.path.join(out, "checkpoints")
+    assert sorted(int(d) for d in os.listdir(ck) if d.isdigit()) == [1, 2]
+    # Damage every data file of the newest checkpoint.
+    for root, _, files in os.walk(os.path.join(ck, "2", "state")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    t = Trainer(cfg_for(model_dir, out))
+    try:
+        with caplog.at_level("ERROR"):
+            step = t.maybe_resume()
+    finally:
+        t.close()
+    assert step == 1
+    assert "CORRUPT" in caplog.text
+    assert os.path.isdir(os.path.join(ck, "2"))  # kept for inspection, never deleted
+
+
+def test_nan_loss_is_skipped_then_stops(model_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "nan")
+    cfg = cfg_for(
+        model_dir,
+        out,
+        "trainer.total_training_steps=5",
+        "trainer.max_bad_steps=2",
+        "trainer.test_freq=0",
+    )
+    t = Trainer(cfg)
+    real = t.actor_update
+
+    def poisoned(state, batch, rng):  # NaN advantages -> NaN loss and grads
+        batch = dict(batch, advantages=batch["advantages"] * np.nan)
+        return real(state, batch, rng)
+
+    t.actor_update = poisoned
+    before = jax.tree.map(np.asarray, t.actor.params)
+    try:
+        with pytest.raises(FloatingPointError, match="max_bad_steps"):
+            t.fit()
+    finally:
+        t.close()
+    after = jax.tree.map(np.asarray, t.actor.params)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(x, y)  # the bad updates were skipped
+    assert t.step == 2
+
+
+def test_sigterm_saves_and_resumes(model_dir, tmp_path):
+    out = str(tmp_path / "term")
+    cmd = [
+        sys.executable,
+        "-m",
+        "agentgym_jax.cli",
+        "train",
+        "--config",
+        TINY,
+        "--output-dir",
+        out,
+        "--steps",
+        "50",
+        f"model.path={model_dir}",
+        "trainer.save_freq=1000",
+        "trainer.test_freq=0",
+        "trainer.val_before_train=false",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+    )
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and read_jsonl(metrics)):
+        time.sleep(0.5)
+    assert read_jsonl(metrics), proc.communicate(timeout=5)[0].decode()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, text[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["preempted"] and summary["step"] < 50
+    steps = [int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()]
+    assert steps == [summary["step"]]  # off the save_freq grid: saved because of the signal
