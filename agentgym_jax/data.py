@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+
+class Task(NamedTuple):
+    """One episode to run: the env's task id and its group (GRPO / RLOO: same group = same
+    task, sampled ``rollout.n`` times)."""
+
+    task_id: int
+    group: int
+
+
+def expand_groups(task_ids: Sequence[int], group_size: int) -> list[Task]:
+    """Each task id ``group_size`` times in a row; group ``g`` is the ``g``-th distinct task."""
+    return [Task(int(t), g) for g, t in enumerate(task_ids) for _ in range(group_size)]
 
 
 def _fingerprint(task_ids: Sequence[int], seed: int, batch_size: int, group_size: int) -> str:
@@ -21,14 +34,14 @@ def _fingerprint(task_ids: Sequence[int], seed: int, batch_size: int, group_size
 
 
 class TaskSampler:
-    """Batches of task ids, reshuffled every epoch with `seed`.
+    """Batches of tasks (`Task(task_id, group)`), reshuffled every epoch with `seed`.
 
     Args:
       task_ids: the pool to draw from, e.g. `envs.task_ids("babyai", "train")`.
       batch_size: distinct tasks per batch (prompts per step).
       seed: shuffle seed; the same seed gives the same order on every machine.
       group_size: each task id is repeated this many times in a row (GRPO's rollout.n), so a
-        batch holds `batch_size * group_size` ids.
+        batch holds `batch_size * group_size` tasks, numbered by group.
     """
 
     def __init__(
@@ -54,16 +67,15 @@ class TaskSampler:
         self._fingerprint = _fingerprint(self.task_ids, self.seed, batch_size, group_size)
         self._iter = iter(self._dataset)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Task]]:
         return self
 
-    def __next__(self) -> list[int]:
-        batch = next(self._iter)
-        return [int(t) for t in np.repeat(batch, self.group_size)]
+    def __next__(self) -> list[Task]:
+        return expand_groups(next(self._iter), self.group_size)
 
-    def batch_at(self, index: int) -> list[int]:
+    def batch_at(self, index: int) -> list[Task]:
         """The `index`-th batch without moving the iterator (random access into the stream)."""
-        return [int(t) for t in np.repeat(self._dataset[index], self.group_size)]
+        return expand_groups(self._dataset[index], self.group_size)
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable position; `set_state` on a sampler built alike resumes exactly."""

@@ -81,6 +81,14 @@ class RolloutSettings:
   that ramble past their action and never close."""
 
 
+@dataclasses.dataclass
+class RolloutResult:
+    episodes: list[Episode]
+    """One per requested task, in request order."""
+    stats: dict[str, float]
+    """Wall times: rollout_s, env_wait_s (blocked on envs), decode_s."""
+
+
 def episode_seed(seed: int, uid: int) -> int:
     return (seed * 1_000_003 + uid * 7919 + 17) & 0x7FFFFFFF
 
@@ -109,9 +117,9 @@ class Rollout:
         self.success_fn = success_fn or (
             lambda score, info, done: bool(info.get("success", done and score > 0))
         )
-        self.stats: dict[str, float] = {}
 
-    def run(self, tasks: Sequence[tuple[int, int]], s: RolloutSettings) -> list[Episode]:
+    def run(self, tasks: Sequence[tuple[int, int]], s: RolloutSettings) -> RolloutResult:
+        """Episodes for ``tasks`` (``data.Task`` or (task_id, group) pairs) under settings ``s``."""
         eng, pool = self.engine, self.pool
         t0 = time.perf_counter()
         eps = {
@@ -179,12 +187,8 @@ class Rollout:
                         unfinished -= 1
             elif not waiting_env and not ready and unfinished:
                 raise RuntimeError(f"rollout stalled with {unfinished} unfinished episodes (bug)")
-        self.stats = dict(
-            rollout_s=time.perf_counter() - t0,
-            env_wait_s=env_wait,
-            decode_s=decode_time,
-        )
-        return [eps[u] for u in sorted(eps)]
+        stats = dict(rollout_s=time.perf_counter() - t0, env_wait_s=env_wait, decode_s=decode_time)
+        return RolloutResult([eps[u] for u in sorted(eps)], stats)
 
     def _gather(self, waiting_env: set[int], n_decoding: int) -> list:
         """Env replies that are ready, waiting up to ``gather_window_s`` for more while more

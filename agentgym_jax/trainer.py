@@ -23,6 +23,7 @@ import numpy as np
 from agentgym_jax import sharding as shd
 from agentgym_jax.checkpoint import Checkpointer
 from agentgym_jax.config import TrainConfig, to_yaml
+from agentgym_jax.data import TaskSampler, expand_groups
 from agentgym_jax.metrics import MetricsLogger, plot_run
 from agentgym_jax.rollout import Rollout, RolloutSettings, rollout_metrics, to_batch
 from agentgym_jax.schedule import make_horizon
@@ -72,7 +73,6 @@ class Trainer:
         import transformers
 
         import envs
-        from agentgym_jax.data import TaskSampler
         from agentgym_jax.engine import Engine, EngineConfig
         from agentgym_jax.engine.chat import ChatDeltas
         from agentgym_jax.envs_driver import make_driver
@@ -135,7 +135,9 @@ class Trainer:
         self.val_ids = envs.task_ids(cfg.env.name, cfg.env.test_split, **cfg.env.kwargs)[
             : cfg.data.val_batch_size
         ]
-        self.sampler = TaskSampler(train_ids, cfg.data.train_batch_size, seed=cfg.data.seed)
+        self.sampler = TaskSampler(
+            train_ids, cfg.data.train_batch_size, seed=cfg.data.seed, group_size=cfg.rollout.n
+        )
         self.ckpt = Checkpointer(
             os.path.join(self.out, "checkpoints"),
             save_every=cfg.trainer.save_freq,
@@ -209,10 +211,10 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         cfg, U = self.cfg, self.U
         t0 = time.perf_counter()
-        task_ids = next(self.sampler)
-        tasks = [(t, g) for g, t in enumerate(task_ids) for _ in range(cfg.rollout.n)]
+        tasks = next(self.sampler)
         s = self.settings(step)
-        episodes = self.rollout.run(tasks, s)
+        result = self.rollout.run(tasks, s)
+        episodes = result.episodes
         t_roll = time.perf_counter()
         t_len = _pad_bucket(max(len(e.tokens) for e in episodes), self.max_len)
         batch = to_batch(episodes, pad_multiple=t_len, max_len=self.max_len)
@@ -290,7 +292,7 @@ class Trainer:
                 if mask.any()
                 else 0.0,
                 "timing/rollout_s": t_roll - t0,
-                "timing/env_wait_s": self.rollout.stats.get("env_wait_s", 0.0),
+                "timing/env_wait_s": result.stats["env_wait_s"],
                 "timing/update_s": t_upd - t_roll,
                 "timing/step_s": t_upd - t0,
                 "perf/tokens_per_s": tokens / max(t_upd - t0, 1e-9),
@@ -319,8 +321,8 @@ class Trainer:
     def evaluate(self, step: int, task_ids=None, prefix: str = "eval") -> tuple[dict, list]:
         task_ids = self.val_ids if task_ids is None else task_ids
         n = self.cfg.rollout.val_n
-        tasks = [(t, g) for g, t in enumerate(task_ids) for _ in range(n)]
-        eps = self.rollout.run(tasks, self.settings(step, eval_mode=True))
+        tasks = expand_groups(task_ids, n)
+        eps = self.rollout.run(tasks, self.settings(step, eval_mode=True)).episodes
         m = rollout_metrics(eps, prefix)
         m[f"{prefix}/horizon"] = float(self._eval_horizon())
         return m, eps

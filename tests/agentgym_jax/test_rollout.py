@@ -40,7 +40,7 @@ def test_trajectory_is_prompt_plus_turns_plus_deltas(agent):
     s = RolloutSettings(
         max_turns=3, max_tokens_per_turn=12, max_prompt_length=1200, temperature=1.0, seed=3
     )
-    eps = ro.run(tasks, s)
+    eps = ro.run(tasks, s).episodes
     assert len(eps) == 5 and all(e.finished for e in eps)
     for e in eps:
         assert len(e.tokens) == len(e.loss_mask) == len(e.logprobs)
@@ -74,7 +74,7 @@ def test_sampler_logprobs_match_a_full_forward_of_the_trajectory(agent):
     s = RolloutSettings(
         max_turns=3, max_tokens_per_turn=10, max_prompt_length=1200, temperature=1.0, seed=1
     )
-    eps = ro.run([(0, 0), (7, 1)], s)
+    eps = ro.run([(0, 0), (7, 1)], s).episodes
     batch = to_batch(eps)
     logits = model(
         jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(batch["attention_mask"])
@@ -87,7 +87,7 @@ def test_sampler_logprobs_match_a_full_forward_of_the_trajectory(agent):
 
 def test_outcome_reward_on_last_model_token_and_metrics(agent):
     ro, _ = _rollout(agent)
-    eps = ro.run([(t, t) for t in range(3)], RolloutSettings(2, 8, 1200, seed=2))
+    eps = ro.run([(t, t) for t in range(3)], RolloutSettings(2, 8, 1200, seed=2)).episodes
     for e in eps:  # make one episode "succeed" to check placement
         e.score = 1.0
     b = to_batch(eps, pad_multiple=64)
@@ -113,7 +113,7 @@ def test_length_limit_truncates_without_crashing(agent):
         RolloutSettings(
             max_turns=6, max_tokens_per_turn=16, max_prompt_length=prompt_len + 20, seed=0
         ),
-    )
+    ).episodes
     assert all(e.finished for e in eps)
     assert any(e.truncated == "length" for e in eps)
     for e in eps:
@@ -121,7 +121,7 @@ def test_length_limit_truncates_without_crashing(agent):
     ro2, _ = _rollout(agent, max_len=2000, slots=2)
     eps2 = ro2.run(
         [(0, 0)], RolloutSettings(max_turns=2, max_tokens_per_turn=8, max_prompt_length=10)
-    )
+    ).episodes
     assert eps2[0].truncated == "prompt" and eps2[0].loss_mask == []
     assert rollout_metrics(eps2)["train/truncated_frac"] == 1.0
 
@@ -132,8 +132,8 @@ def test_unclosed_turn_score_ends_the_episode(agent):
     ro, chat = _rollout(agent)
     tasks = [(t, t) for t in range(4)]
     base = dict(max_turns=3, max_tokens_per_turn=6, max_prompt_length=1200, temperature=1.0, seed=5)
-    plain = ro.run(tasks, RolloutSettings(**base))
-    cut = ro.run(tasks, RolloutSettings(**base, unclosed_turn_score=-0.5))
+    plain = ro.run(tasks, RolloutSettings(**base)).episodes
+    cut = ro.run(tasks, RolloutSettings(**base, unclosed_turn_score=-0.5)).episodes
     eot = chat.end_of_turn_id
     n_cut = 0
     for p, c in zip(plain, cut):
