@@ -20,6 +20,7 @@ import numpy as np
 
 from agentgym_jax.engine import Engine, SlotFullError
 from agentgym_jax.engine.chat import ChatDeltas
+from agentgym_jax.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class RolloutResult:
 
 
 def episode_seed(seed: int, uid: int) -> int:
-    return (seed * 1_000_003 + uid * 7919 + 17) & 0x7FFFFFFF
+    return mix_seed(seed, uid * 7919 + 17)
 
 
 class Rollout:

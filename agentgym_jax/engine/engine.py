@@ -28,6 +28,7 @@ from agentgym_jax import sharding as shd
 from agentgym_jax.engine import core
 from agentgym_jax.engine.sampling import SamplingParams
 from agentgym_jax.models.decoder import KVCache, Transformer
+from agentgym_jax.seeding import mix_seed
 
 
 def _ceil_bucket(buckets: Sequence[int], n: int) -> int:
@@ -252,7 +253,7 @@ class Engine:
         """Start new episodes: encode each prompt into its (free) slot, batched over slots.
 
         Sampling settings are per slot (scalars apply to all). Each episode gets RNG stream
-        ``fold_in(key(0), seed)``; default seed = ``config.seed * 1_000_003 + episode counter``.
+        ``fold_in(key(0), seed)``; default seed = ``mix_seed(config.seed, episode counter)``.
         """
         slot_ids = list(slot_ids)
         for i in slot_ids:
@@ -264,7 +265,7 @@ class Engine:
         bcast = lambda x: list(x) if isinstance(x, (list, tuple, np.ndarray)) else [x] * n
         temps, tps, tks = bcast(temperature), bcast(top_p), bcast(top_k)
         if seeds is None:
-            seeds = [self.config.seed * 1_000_003 + self._episodes + j for j in range(n)]
+            seeds = [mix_seed(self.config.seed, self._episodes + j) for j in range(n)]
         self._episodes += n
         for j, i in enumerate(slot_ids):
             if not 0.0 < float(tps[j]) <= 1.0:

@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from agentgym_jax.engine.engine import Engine, EngineConfig
 from agentgym_jax.models.decoder import Transformer
+from agentgym_jax.seeding import mix_seed
 
 
 def generate(
@@ -28,7 +29,7 @@ def generate(
     """New tokens per prompt (a stop token, when hit, is included and ends the row, as HF
     ``generate`` does with eos). temperature 0 = greedy.
 
-    Prompt j samples from stream ``seed * 1_000_003 + j`` whatever slot it lands in, so the output
+    Prompt j samples from stream ``mix_seed(seed, j)`` whatever slot it lands in, so the output
     does not depend on ``num_slots``. With ``return_logprobs`` returns (tokens, logprobs) lists.
     ``engine``: reuse an engine (its compiled functions) instead of building one; at most
     ``num_slots`` of its free slots are used at a time.
@@ -63,7 +64,7 @@ def generate(
                 temperature=temperature,
                 top_p=top_p,
                 top_k=top_k,
-                seeds=[seed * 1_000_003 + j for j in take],
+                seeds=[mix_seed(seed, j) for j in take],
             )
             engine.begin_turn(ids, max_new_tokens, stop_token_ids)
             owner.update(zip(ids, take))
