@@ -98,9 +98,9 @@ def cmd_plot(args) -> int:
 
 
 def cmd_pretrain_tiny(args) -> int:
-    from agentgym_jax import tiny
+    from agentgym_jax.recipes import tiny_babyai
 
-    return tiny.main(args.rest) or 0
+    return tiny_babyai.main(args.rest) or 0
 
 
 def cmd_envs(args) -> int:
@@ -116,8 +116,7 @@ def cmd_generate(args) -> int:
     import transformers
 
     from agentgym_jax.engine import generate
-    from agentgym_jax.models import from_pretrained
-    from agentgym_jax.trainer import resolve_model_path
+    from agentgym_jax.models import from_pretrained, resolve_model_path
 
     path = resolve_model_path(args.model)
     tok = transformers.AutoTokenizer.from_pretrained(path)

@@ -259,7 +259,7 @@ def test_babyai_go_to_the_object_already_faced_does_not_crash():
     """An empty path plan (already facing the target) must still give an observation."""
     import random
 
-    from agentgym_jax.tiny import offered_actions
+    from agentgym_jax.recipes.tiny_babyai import offered_actions
 
     env = envs.make("babyai", levels=["GoToRedBall", "GoToLocal"])
     rng = random.Random(0)

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from agentgym_jax import tiny
+from agentgym_jax.recipes import tiny_babyai as tiny
 
 SHIPPED = tiny.DEFAULT_MODEL_DIR
 
@@ -142,37 +142,49 @@ def test_shipped_model_loads_and_matches_tokenizer(tok):
     assert tok.decode([int(jnp.argmax(logits[0, -1]))]) == "Thought"
 
 
-def test_shipped_model_replies_are_well_formed(tok):
-    """One sampled turn (temperature 1) on test tasks: the reply format and a valid action."""
+def test_evaluate_model_runs_through_engine_and_rollout(tok, monkeypatch):
+    """A short eval on the shipped model: episodes come from Rollout.run (Engine inside), the
+    metrics agree with them, and the first replies are well formed with valid actions."""
     import envs
-    from agentgym_jax.models import from_pretrained
+    from agentgym_jax.data import expand_groups
+    from agentgym_jax.engine import Engine
+    from agentgym_jax.rollout import Rollout, RolloutResult
 
-    model = from_pretrained(SHIPPED)
-    env = tiny._make_env(tiny.DEFAULT_LEVELS)
-    ids = envs.task_ids("babyai", "test", levels=list(tiny.DEFAULT_LEVELS))[:8]
-    obs = [env.reset(t) for t in ids]
-    prompts = [
-        tok.apply_chat_template(
-            envs.initial_messages(env, o),
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=False,
-        )
-        for o in obs
-    ]
-    env.close()
-    sampler = tiny._Sampler(model, max_len=1024, batch=len(ids), seed=0)
-    outs = sampler.generate(prompts, 48, 1.0, tok.convert_tokens_to_ids(tiny.IM_END))
+    runs = []
+    real_run = Rollout.run
+
+    def spy(self, tasks, settings):
+        res = real_run(self, tasks, settings)
+        runs.append((self, list(tasks), settings, res))
+        return res
+
+    monkeypatch.setattr(Rollout, "run", spy)
+    res = tiny.evaluate_model(num_tasks=4, repeats=2, horizon=2, max_len=1024, seed=0)
+    assert len(runs) == 1
+    ro, tasks, settings, result = runs[0]
+    assert isinstance(result, RolloutResult)
+    assert isinstance(ro.engine, Engine) and ro.engine.config.max_len == 1024
+    assert settings.max_turns == 2 and settings.max_tokens_per_turn == 48
+    ids = envs.task_ids("babyai", "test", levels=list(tiny.DEFAULT_LEVELS))[:4]
+    assert tasks == expand_groups(ids, 2)
+    eps = result.episodes
+    assert res["episodes"] == len(eps) == 8 and res["horizon"] == 2
+    assert res["replies"] == sum(e.turns for e in eps) >= len(eps)
+    for k in ("well_formed", "valid_action", "truncated"):
+        assert 0.0 <= res[k] <= 1.0, (k, res)
+    assert res["valid_action"] <= res["well_formed"]
+    by_turn = res["success_by_turn"]
+    assert len(by_turn) == 2 and 0.0 <= by_turn[0] <= by_turn[1] <= 1.0
+    assert by_turn[-1] == round(sum(e.success for e in eps) / len(eps), 3)
+    assert res["prompt_tokens"] == eps[0].prompt_len > 0
+    assert res["env_errors"] == 0 and all(e.error is None for e in eps)
+    # Trained, not random: nearly all first replies are well formed with an offered action.
     valid = 0
-    for o, row in zip(obs, outs):
-        m = tiny.REPLY_RE.match(tok.decode(row[:-1]))
-        valid += bool(
-            row
-            and row[-1] == tok.convert_tokens_to_ids(tiny.IM_END)
-            and m
-            and m.group(1) in tiny.offered_actions(o)
-        )
-    assert valid >= 6, [tok.decode(r) for r in outs]
+    for e in eps:
+        m = tiny.REPLY_RE.match(e.messages[3]["content"])
+        ended = e.tokens[e.turn_ends[0]] == tok.convert_tokens_to_ids(tiny.IM_END)
+        valid += bool(ended and m and m.group(1) in tiny.offered_actions(e.messages[2]["content"]))
+    assert valid >= 6, [e.messages[3]["content"] for e in eps]
 
 
 def test_pretrain_tiny_miniature(tmp_path):

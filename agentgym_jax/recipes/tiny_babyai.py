@@ -7,7 +7,7 @@ language but not the solution.
     tok = transformers.AutoTokenizer.from_pretrained(path)       # offline, local files only
 
 The package ships one such checkpoint at ``DEFAULT_MODEL_DIR``
-(``python -m agentgym_jax.tiny --output-dir DIR`` rebuilds it).
+(``python -m agentgym_jax.recipes.tiny_babyai --output-dir DIR`` rebuilds it).
 
 Transcripts follow AgentGym's prompt: [user: env instruction, assistant: ack, user: first
 observation], then assistant turns "Thought:\\nMy goal is to <goal>. I will <a>.\\n\\nAction:\\n<a>"
@@ -39,7 +39,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent / "assets" / "tiny-babyai")
+DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-babyai")
 # GoTo levels: a single "go to <goal>" action solves them once the goal is in view.
 DEFAULT_LEVELS = ("GoToRedBallNoDists", "GoToRedBall", "GoToObj", "GoToLocal")
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -480,164 +480,79 @@ def pretrain_tiny(
     return os.fspath(out)
 
 
-# -- sampling (sanity check only; the real engine lives in agentgym_jax.engine) --------------------
-class _Sampler:
-    """KV-cached batched sampler: prefill a per-row token delta, then decode up to ``max_new``."""
-
-    def __init__(self, model, max_len: int, batch: int, seed: int):
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from agentgym_jax.models import KVCache
-
-        self.graphdef, self.params = nnx.split(model)
-        self.cache = KVCache.zeros(model.config, batch, max_len)
-        self.index = np.zeros(batch, np.int32)
-        self.key = jax.random.key(seed)
-        graphdef = self.graphdef
-
-        def prefill(p, cache, ids, index, n):
-            m = nnx.merge(graphdef, p)
-            logits, cache = m(ids, cache=cache, cache_index=index)
-            last = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
-            return last, cache
-
-        def decode(p, cache, logits, index, key, temperature, steps):
-            m = nnx.merge(graphdef, p)
-
-            def body(carry, _):
-                cache, logits, index, key = carry
-                key, sub = jax.random.split(key)
-                tok = jax.random.categorical(sub, logits / temperature, axis=-1).astype(jnp.int32)
-                nl, cache = m(tok[:, None], cache=cache, cache_index=index)
-                return (cache, nl[:, 0], index + 1, key), tok
-
-            (cache, _, _, key), toks = jax.lax.scan(
-                body, (cache, logits, index, key), None, length=steps
-            )
-            return toks.T, cache, key
-
-        self._prefill = jax.jit(prefill, donate_argnums=(1,))
-        self._decode = jax.jit(decode, static_argnums=(6,), donate_argnums=(1,))
-
-    def generate(self, deltas: list[list[int]], max_new: int, temperature: float, stop_id: int):
-        """Append each row's delta (empty = inactive row) and sample a reply; returns token lists."""
-        import jax.numpy as jnp
-
-        b = len(deltas)
-        width = max(64, -(-max(len(d) for d in deltas) // 64) * 64)  # bucketed: few compiles
-        ids = np.zeros((b, width), np.int32)
-        n = np.array([len(d) for d in deltas], np.int32)
-        for i, d in enumerate(deltas):
-            ids[i, : len(d)] = d
-        logits, self.cache = self._prefill(
-            self.params, self.cache, jnp.asarray(ids), jnp.asarray(self.index), jnp.asarray(n)
-        )
-        self.index = self.index + n
-        toks, self.cache, self.key = self._decode(
-            self.params,
-            self.cache,
-            logits,
-            jnp.asarray(self.index),
-            self.key,
-            float(temperature),
-            int(max_new),
-        )
-        toks = np.asarray(toks)
-        out = []
-        for i in range(b):
-            row = list(toks[i])
-            if stop_id in row:
-                row = row[: row.index(stop_id) + 1]
-            out.append(row if n[i] else [])
-            self.index[i] += len(out[-1])
-        return out
-
-
+# -- evaluation ----------------------------------------------------------------------------------
 def evaluate_model(
     model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
     *,
     levels=DEFAULT_LEVELS,
     horizon: int = 8,
     repeats: int = 2,
+    num_tasks: int | None = None,
     max_new: int = 48,
     temperature: float = 1.0,
     seed: int = 0,
     max_len: int = 2048,
+    num_slots: int | None = None,
 ) -> dict[str, Any]:
-    """Play the test split with the model sampled at ``temperature``; format validity + success.
+    """Play the test split (its first ``num_tasks`` ids, each ``repeats`` times) with the model
+    sampled at ``temperature`` through the library's Engine and Rollout; format validity + success.
 
     A reply is well formed when it is exactly "Thought:\\n<line>\\n\\nAction:\\n<line>" ended by
     <|im_end|> within ``max_new`` tokens, and valid when its action is one the observation offers.
     """
     import envs
+    from agentgym_jax.data import expand_groups
+    from agentgym_jax.engine import Engine, EngineConfig
+    from agentgym_jax.engine.chat import ChatDeltas
+    from agentgym_jax.envs_driver import EnvDriver
     from agentgym_jax.models import from_pretrained
+    from agentgym_jax.rollout import Rollout, RolloutSettings
 
     levels = tuple(levels)
+    logging.getLogger("minigrid").setLevel(logging.ERROR)
     tok = load_tokenizer(model_dir)
     model = from_pretrained(model_dir)
-    stop = tok.convert_tokens_to_ids(IM_END)
-    ids = envs.task_ids("babyai", "test", levels=list(levels)) * repeats
-    pool = [_make_env(levels) for _ in ids]
-    sampler = _Sampler(model, max_len, len(ids), seed)
-    obs = [e.reset(t) for e, t in zip(pool, ids)]
-    deltas = [
-        tok.apply_chat_template(
-            envs.initial_messages(e, o),
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=False,
-        )
-        for e, o in zip(pool, obs)
-    ]
-    prompt_len = len(deltas[0])
-    alive = [True] * len(ids)
-    succ_turn = [None] * len(ids)
-    n_replies = n_format = n_valid = n_truncated = 0
-    examples = []
+    chat = ChatDeltas(tok)
+    stop = chat.end_of_turn_id
+    ids = envs.task_ids("babyai", "test", levels=list(levels))[:num_tasks]
+    tasks = expand_groups(ids, repeats)
+    engine = Engine(
+        model, EngineConfig(num_slots=num_slots or len(tasks), max_len=max_len, seed=seed)
+    )
+    driver = EnvDriver("babyai", {"levels": list(levels)}, num_workers=0)
+    settings = RolloutSettings(
+        max_turns=horizon,
+        max_tokens_per_turn=max_new,
+        max_prompt_length=max_len - max_new,
+        temperature=temperature,
+        seed=seed,
+    )
     t0 = time.time()
-    for turn in range(horizon):
-        outs = sampler.generate(
-            [d if a else [] for d, a in zip(deltas, alive)], max_new, temperature, stop
-        )
-        for i, row in enumerate(outs):
-            if not alive[i]:
-                deltas[i] = []
-                continue
-            ended = bool(row) and row[-1] == stop
-            text = tok.decode(row[:-1] if ended else row)
-            n_replies += 1
-            n_truncated += not ended
+    try:
+        rollout = Rollout(engine, driver, chat, stop_token_ids=model.config.eos_token_ids)
+        episodes = rollout.run(tasks, settings).episodes
+    finally:
+        driver.close()
+    seconds = time.time() - t0
+    n_replies = n_format = n_valid = n_truncated = 0
+    for e in episodes:
+        n_truncated += e.turns - e.turns_stopped  # cut at max_new, not at a stop token
+        for k in range(e.turns):
+            # messages: [instruction, ack, obs_0, reply_1, obs_1, reply_2, ...]
+            obs, text = e.messages[2 + 2 * k]["content"], e.messages[3 + 2 * k]["content"]
+            last = e.tokens[e.turn_ends[k]] if k < len(e.turn_ends) else None
+            ended = last == stop
             m = REPLY_RE.match(text)
+            n_replies += 1
             n_format += bool(m and ended)
-            n_valid += bool(m and ended and m.group(1).strip() in offered_actions(obs[i]))
-            if len(examples) < 3 and i % 7 == 0:
-                examples.append(text)
-            res = _safe_step(pool[i], text)
-            if res is None:
-                alive[i] = False
-                continue
-            if res.reward > 0:
-                succ_turn[i] = turn + 1
-            if res.done or res.reward > 0 or sampler.index[i] + 400 > max_len:
-                alive[i] = False
-            obs[i] = res.observation
-            closing = [] if ended else [stop]
-            deltas[i] = closing + encode(
-                tok, "\n" + render_message("user", res.observation) + f"{IM_START}assistant\n"
-            )
-        if not any(alive):
-            break
-    for e in pool:
-        e.close()
-    n = len(ids)
+            n_valid += bool(m and ended and m.group(1).strip() in offered_actions(obs))
+    n = max(len(episodes), 1)
     by_turn = [
-        round(sum(1 for s in succ_turn if s is not None and s <= t) / n, 3)
+        round(sum(e.success and e.turns <= t for e in episodes) / n, 3)
         for t in range(1, horizon + 1)
     ]
     return {
-        "episodes": n,
+        "episodes": len(episodes),
         "horizon": horizon,
         "temperature": temperature,
         "success_by_turn": by_turn,
@@ -645,9 +560,10 @@ def evaluate_model(
         "well_formed": round(n_format / max(n_replies, 1), 3),
         "valid_action": round(n_valid / max(n_replies, 1), 3),
         "truncated": round(n_truncated / max(n_replies, 1), 3),
-        "prompt_tokens": prompt_len,
-        "seconds": round(time.time() - t0, 1),
-        "examples": examples,
+        "env_errors": sum(e.error is not None and e.truncated is None for e in episodes),
+        "prompt_tokens": episodes[0].prompt_len if episodes else 0,
+        "seconds": round(seconds, 1),
+        "examples": [e.messages[3]["content"] for e in episodes[::7] if e.turns][:3],
     }
 
 
