@@ -120,6 +120,15 @@ class RoundsCtrl:
     steps_scaling_inter: int = 100
     """N above: training steps per horizon stage."""
 
+    def __post_init__(self):
+        from agentgym_jax.schedule import make_horizon
+
+        # One validator for the horizon: the schedule itself.
+        try:
+            make_horizon(self)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"algorithm.{e}") from None
+
 
 @dataclasses.dataclass
 class AlgorithmSection(AlgorithmConfig):
@@ -145,7 +154,7 @@ class TrainerSection:
     """Evaluate on held-out tasks every k steps (0 = never; also at the start and end)."""
     val_before_train: bool = True
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
-    """Any of console, jsonl, tensorboard."""
+    """Any of console, jsonl, tensorboard, wandb (offline unless WANDB_MODE is set)."""
     seed: int = 0
     """Seed of the training RNG (sampling, mini-batch shuffles)."""
     max_bad_steps: int = 3
@@ -162,6 +171,14 @@ class TrainerSection:
             raise ConfigError(
                 f"trainer.logger: unknown {sorted(bad)}; allowed: console, jsonl, tensorboard, wandb"
             )
+        if "wandb" in self.logger:
+            import importlib.util
+
+            from agentgym_jax.metrics import WANDB_MISSING
+
+            # Fail at config load, not after the model is built.
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError(WANDB_MISSING)
         if self.total_training_steps < 0 or self.save_freq < 1:
             raise ConfigError(
                 "trainer.total_training_steps must be >= 0 and trainer.save_freq >= 1"

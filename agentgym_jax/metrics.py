@@ -1,5 +1,5 @@
-"""Metrics sinks: metrics.jsonl (one object per step), TensorBoard, console progress bar,
-per-step rollout transcripts, and PNG curves (``agentgym-jax plot RUN_DIR``)."""
+"""Metrics sinks: metrics.jsonl (one object per step), TensorBoard, Weights & Biases, console
+progress bar, per-step rollout transcripts, and PNG curves (``agentgym-jax plot RUN_DIR``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,6 +36,56 @@ def _scalar(v):
     if hasattr(v, "shape") and getattr(v, "shape", None) == ():
         return float(v)
     return None
+
+
+WANDB_MISSING = (
+    "trainer.logger includes 'wandb' but the wandb package is not installed: "
+    "pip install 'agentgym-jax[wandb]' (or drop wandb from trainer.logger)"
+)
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(WANDB_MISSING) from None
+    return wandb
+
+
+def _start_wandb(output_dir: str):
+    """An offline W&B run under ``output_dir/wandb`` unless WANDB_MODE says otherwise.
+
+    The run id is kept in ``output_dir/wandb_run_id`` so a resumed run continues the same W&B run.
+    """
+    wandb = _import_wandb()
+    id_path = os.path.join(output_dir, "wandb_run_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    config = None
+    cfg_path = os.path.join(output_dir, "config.yaml")  # written by the trainer before the logger
+    if os.path.exists(cfg_path):
+        import yaml
+
+        with open(cfg_path) as f:
+            config = yaml.safe_load(f)
+    name = os.path.basename(os.path.abspath(output_dir))
+    return wandb.init(
+        dir=output_dir,
+        project=os.environ.get("WANDB_PROJECT") or "agentgym-jax",
+        name=os.environ.get("WANDB_NAME") or name,
+        id=run_id,
+        resume="allow",
+        config=config,
+        # Offline by default: training never needs the network; `wandb sync` uploads later.
+        mode=os.environ.get("WANDB_MODE") or "offline",
+        # Console capture would wrap stdout / stderr under the progress bar.
+        settings=wandb.Settings(console="off"),
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -73,6 +124,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._tb = None
+        self._wandb = None
         self._bar = None
         if not enabled:
             return
@@ -93,9 +145,7 @@ class MetricsLogger:
             except ImportError:
                 log.warning("tensorboardX not installed: TensorBoard logging off")
         if "wandb" in self.loggers:
-            log.warning(
-                "wandb logging requested: install wandb and set WANDB_MODE; not wired by default"
-            )
+            self._wandb = _start_wandb(output_dir)
         if "console" in self.loggers and total_steps:
             from tqdm.auto import tqdm
 
@@ -112,9 +162,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": int(step)}
+        scalars = {}
         for k, v in metrics.items():
             s = _scalar(v)
             if s is not None:
+                scalars[k] = s
                 row[k] = s if math.isfinite(s) else str(s)
         if "jsonl" in self.loggers:
             with open(self.path, "a") as f:
@@ -124,6 +176,8 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, float):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
         if self._bar is not None:
             post = {
                 short: f"{row[k]:.3g}" for k, short in BAR_KEYS if isinstance(row.get(k), float)
@@ -162,6 +216,14 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+            wandb = _import_wandb()
+            # finish() can return before wandb-core has written the offline .wandb file; stopping
+            # the service flushes it (unless someone else's run still uses the service).
+            if wandb.run is None:
+                wandb.teardown()
 
 
 PLOT_KEYS = (

@@ -5,12 +5,11 @@ is raised at fixed steps. Config mirrors the original's ``algorithm.rounds_ctrl`
 ``type`` in {fixed, scaling_inter_stepwise}, ``rounds`` (an int or a list) and
 ``steps_scaling_inter`` (steps per stage). Steps are 1-based training steps: steps 1..N use
 rounds[0], N+1..2N rounds[1], ..., and the last value holds after. Step 0 (e.g. a validation pass
-before training) uses the first stage.
+before training) uses the first stage. The recipes' values live in ``configs/*.yaml`` only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,23 +17,6 @@ from typing import Any
 import jax.numpy as jnp
 
 ROUNDS_CTRL_TYPES = ("fixed", "scaling_inter_stepwise")
-
-# Env -> (rounds per stage, steps per stage) from the paper's ScalingInter-RL recipes.
-PAPER_HORIZONS: dict[str, tuple[list[int], int]] = {
-    "babyai": ([6, 13, 20], 100),
-    "sciworld": ([10, 20, 30], 100),
-    "textcraft": ([10, 20, 30], 100),
-    "searchqa": ([5, 8, 10], 100),
-    "webarena": ([8, 12, 15], 80),
-}
-# Env -> fixed max rounds of the paper's non-ScalingInter runs.
-PAPER_FIXED_ROUNDS: dict[str, int] = {
-    "babyai": 20,
-    "sciworld": 20,
-    "searchqa": 5,
-    "textcraft": 30,
-    "webarena": 15,
-}
 
 
 def _check_pos_int(key: str, v: Any) -> int:
@@ -85,22 +67,6 @@ def scaling_inter(rounds: Sequence[int], every: int) -> Callable[[int], int]:
     return max_turns
 
 
-@dataclasses.dataclass
-class RoundsCtrlConfig:
-    """``algorithm.rounds_ctrl``: the per-episode turn budget over training."""
-
-    type: str = "fixed"
-    """fixed | scaling_inter_stepwise."""
-    rounds: int | list[int] = 20
-    """fixed: the max turns (an int, or a one-element list); scaling_inter_stepwise: one value per
-  stage, non-decreasing."""
-    steps_scaling_inter: int = 100
-    """scaling_inter_stepwise: training steps per stage."""
-
-    def __post_init__(self):
-        make_horizon(self)  # validates
-
-
 def _get(cfg: Any, key: str, default=None):
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
@@ -108,7 +74,7 @@ def _get(cfg: Any, key: str, default=None):
 
 
 def make_horizon(cfg: Any) -> Callable[[int], int]:
-    """``max_turns(step)`` from a rounds_ctrl config (RoundsCtrlConfig, mapping or object).
+    """``max_turns(step)`` from a rounds_ctrl config (``config.RoundsCtrl``, mapping or object).
 
     Also accepts a parent config holding ``rounds_ctrl`` (e.g. the algorithm section).
     """
@@ -131,16 +97,6 @@ def make_horizon(cfg: Any) -> Callable[[int], int]:
     if not isinstance(rounds, Sequence) or isinstance(rounds, (str, bytes)):
         rounds = [rounds]
     return scaling_inter(list(rounds), _get(cfg, "steps_scaling_inter"))
-
-
-def paper_horizon(env: str, scaling: bool = True) -> Callable[[int], int]:
-    """The paper's horizon for ``env``: ScalingInter-RL stages, or the fixed max rounds."""
-    key = env.lower()
-    if key not in PAPER_FIXED_ROUNDS:
-        raise ValueError(f"paper_horizon: env={env!r}: allowed {sorted(PAPER_FIXED_ROUNDS)}")
-    if scaling:
-        return scaling_inter(*PAPER_HORIZONS[key])
-    return fixed(PAPER_FIXED_ROUNDS[key])
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import numpy as np
 import pytest
 
 from agentgym_jax import schedule as S
+from agentgym_jax.config import RoundsCtrl, load_config
+from agentgym_jax.config_tree import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
 def loop_reference(rounds, every, step):
@@ -39,22 +44,40 @@ def test_scaling_inter_boundaries():
         f(-1)
 
 
-def test_fixed_and_paper_tables():
+def test_fixed():
     assert S.fixed(7)(0) == 7 and S.fixed(7)(10**6) == 7
-    for env, (rounds, every) in S.PAPER_HORIZONS.items():
-        f = S.paper_horizon(env)
-        assert f(every) == rounds[0] and f(every + 1) == rounds[1] and f(99 * every) == rounds[-1]
-        assert S.paper_horizon(env, scaling=False)(1) == S.PAPER_FIXED_ROUNDS[env]
-    assert S.PAPER_FIXED_ROUNDS == {
-        "babyai": 20,
-        "sciworld": 20,
-        "searchqa": 5,
-        "textcraft": 30,
-        "webarena": 15,
-    }
-    assert S.PAPER_HORIZONS["webarena"] == ([8, 12, 15], 80)
-    with pytest.raises(ValueError, match="env"):
-        S.paper_horizon("alfworld")
+
+
+# The paper's horizons (AgentGym-RL): ScalingInter-RL (rounds per stage, steps per stage) and the
+# fixed max rounds of the plain AgentGym-RL runs. The shipped recipes are the only copy.
+PAPER_SCALING = {
+    "babyai": ([6, 13, 20], 100),
+    "sciworld": ([10, 20, 30], 100),
+    "searchqa": ([5, 8, 10], 100),
+    "textcraft": ([10, 20, 30], 100),
+    "webarena": ([8, 12, 15], 80),
+}
+PAPER_FIXED = {"babyai": 20, "sciworld": 20, "searchqa": 5, "textcraft": 30, "webarena": 15}
+
+
+@pytest.mark.parametrize("env", sorted(PAPER_SCALING))
+def test_shipped_recipes_give_paper_horizons(env):
+    rounds, every = PAPER_SCALING[env]
+    rc = load_config(os.path.join(CONFIGS, f"{env}_scaling_inter.yaml")).algorithm.rounds_ctrl
+    assert rc.type == "scaling_inter_stepwise"
+    f = S.make_horizon(rc)
+    assert [f(1), f(every), f(every + 1), f(2 * every + 1), f(99 * every)] == [
+        rounds[0],
+        rounds[0],
+        rounds[1],
+        rounds[2],
+        rounds[2],
+    ]
+    assert (list(rc.rounds), rc.steps_scaling_inter) == (rounds, every)
+    rc = load_config(os.path.join(CONFIGS, f"{env}_agentgym_rl.yaml")).algorithm.rounds_ctrl
+    assert rc.type == "fixed"
+    f = S.make_horizon(rc)
+    assert f(0) == f(1) == f(10_000) == PAPER_FIXED[env]
 
 
 def test_make_horizon_from_configs():
@@ -66,9 +89,7 @@ def test_make_horizon_from_configs():
     assert S.make_horizon(nested)(500) == 15
     obj = types.SimpleNamespace(type="fixed", rounds=[5], steps_scaling_inter=None)
     assert S.make_horizon(obj)(3) == 5
-    cfg = S.RoundsCtrlConfig(
-        type="scaling_inter_stepwise", rounds=[6, 13, 20], steps_scaling_inter=2
-    )
+    cfg = RoundsCtrl(type="scaling_inter_stepwise", rounds=[6, 13, 20], steps_scaling_inter=2)
     assert [S.make_horizon(cfg)(s) for s in range(1, 8)] == [6, 6, 13, 13, 20, 20, 20]
 
 
@@ -103,9 +124,32 @@ def test_make_horizon_errors(cfg, match):
         S.make_horizon(cfg)
 
 
-def test_rounds_ctrl_config_validates():
-    with pytest.raises(ValueError, match="rounds_ctrl.type"):
-        S.RoundsCtrlConfig(type="stepwise")
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("algorithm.rounds_ctrl.type=stepwise", "rounds_ctrl.type"),
+        ("algorithm.rounds_ctrl.rounds=[5, 3]", r"algorithm\.rounds_ctrl\.rounds.*non-decreasing"),
+        ("algorithm.rounds_ctrl.rounds=[]", r"algorithm\.rounds_ctrl\.rounds"),
+        (
+            "algorithm.rounds_ctrl={type: fixed, rounds: [3, 4]}",
+            r"algorithm\.rounds_ctrl\.rounds.*one value",
+        ),
+        (
+            "algorithm.rounds_ctrl.steps_scaling_inter=0",
+            r"algorithm\.rounds_ctrl\.steps_scaling_inter",
+        ),
+    ],
+)
+def test_bad_horizon_fails_at_config_load(override, match):
+    # tiny_cpu is scaling_inter_stepwise, so steps_scaling_inter is checked too.
+    with pytest.raises(ConfigError, match=match):
+        load_config(os.path.join(CONFIGS, "tiny_cpu.yaml"), [override])
+
+
+def test_rounds_ctrl_validates_itself():
+    with pytest.raises(ConfigError, match=r"algorithm\.rounds_ctrl\.rounds=0"):
+        RoundsCtrl(type="fixed", rounds=[0])
+    assert S.make_horizon(RoundsCtrl())(1) == 20
 
 
 def test_lr_schedules():
