@@ -1,16 +1,16 @@
 """The env side of the rollout: an ``envs.pool.EnvPool`` bound to one env name and its kwargs.
 
 The rollout keys episodes by uid and needs: submit_reset / submit_step (non-blocking),
-poll(timeout) -> [(uid, StepResult)], initial_messages(reset_result), end_episode, close.
-Failures (crashed or hung workers, env exceptions) come back as results with
-``info["error"]`` and ``done=True``; they never raise here.
+poll(timeout) -> [PoolResult(kind, uid, StepResult)], initial_messages(reset_result),
+end_episode, close. Failures (crashed or hung workers, env exceptions) come back as results of
+the submission's kind with ``info["error"]`` and ``done=True``; they never raise here.
 """
 
 from __future__ import annotations
 
 import envs
 from envs.base import StepResult
-from envs.pool import EnvPool
+from envs.pool import EnvPool, PoolResult
 
 
 class EnvDriver:
@@ -38,18 +38,12 @@ class EnvDriver:
     def submit_step(self, uid: int, text: str) -> None:
         self.pool.submit_step(uid, text)
 
-    def poll(self, timeout: float = 0.0) -> list[tuple[int, StepResult]]:
+    def poll(self, timeout: float = 0.0) -> list[PoolResult]:
         return self.pool.poll(timeout)
 
     @staticmethod
     def initial_messages(reset: StepResult) -> list[dict]:
-        """AgentGym's opening: user = instruction, assistant = ack, user = first observation."""
-        info = reset.info
-        return [
-            {"role": "user", "content": info["instruction"]},
-            {"role": "assistant", "content": info.get("ack", envs.ACK)},
-            {"role": "user", "content": reset.observation},
-        ]
+        return envs.initial_messages(reset.info, reset.observation)
 
     def end_episode(self, uid: int) -> None:
         self.pool.close_episode(uid)

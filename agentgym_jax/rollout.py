@@ -7,11 +7,14 @@ trajectory is exactly the token ids the model saw and produced (no re-tokenisati
 Concurrency: all model turns in flight decode together; as soon as a slot's turn ends its
 action goes to the env pool and the engine keeps decoding the others (``return_on_first``);
 env replies are appended as they arrive, and free slots are refilled with waiting episodes.
+Each episode has a ``Phase``; the loop moves it through ``EpisodeBook.move``, which refuses
+transitions that cannot happen, and a pool result's kind (reset or step) must match the phase.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +24,30 @@ import numpy as np
 from agentgym_jax.engine import Engine, SlotFullError
 from agentgym_jax.engine.chat import ChatDeltas
 from agentgym_jax.seeding import mix_seed
+from envs.pool import Kind, PoolResult
 
 log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    """Where an episode is: RESETTING -> READY -> (DECODING <-> WAITING_ENV) -> DONE."""
+
+    RESETTING = "resetting"  # reset submitted; waiting for the env's first observation
+    READY = "ready"  # prompt built; waiting for an engine slot
+    DECODING = "decoding"  # a model turn is being decoded in the episode's slot
+    WAITING_ENV = "waiting_env"  # the turn's reply is with the env
+    DONE = "done"
+
+
+_NEXT = {
+    Phase.RESETTING: (Phase.READY, Phase.DONE),
+    Phase.READY: (Phase.DECODING,),
+    Phase.DECODING: (Phase.WAITING_ENV, Phase.DONE),
+    Phase.WAITING_ENV: (Phase.DECODING, Phase.DONE),
+    Phase.DONE: (),
+}
+# The phase an episode must be in for a pool result of each kind to be its answer.
+_AWAITS = {Kind.RESET: Phase.RESETTING, Kind.STEP: Phase.WAITING_ENV}
 
 
 @dataclasses.dataclass
@@ -49,7 +74,11 @@ class Episode:
   "turn" (a turn hit max_tokens_per_turn; see ``RolloutSettings.unclosed_turn_score``)."""
     error: str | None = None
     slot: int = -1
-    finished: bool = False
+    phase: Phase = Phase.RESETTING
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.DONE
 
     def transcript(self) -> dict:
         return dict(
@@ -94,10 +123,43 @@ def episode_seed(seed: int, uid: int) -> int:
     return mix_seed(seed, uid * 7919 + 17)
 
 
+class EpisodeBook:
+    """The episodes of one run by phase. Every phase change goes through ``move``, which raises
+    on one the loop never makes (a bug). Each phase keeps arrival order: READY episodes get
+    slots first come, first served."""
+
+    def __init__(self, episodes: Sequence[Episode]):
+        self.episodes = {e.uid: e for e in episodes}
+        self._in: dict[Phase, dict[int, Episode]] = {p: {} for p in Phase}
+        for e in episodes:
+            self._in[e.phase][e.uid] = e
+
+    def move(self, e: Episode, to: Phase) -> None:
+        if to not in _NEXT[e.phase]:
+            raise RuntimeError(f"episode {e.uid}: no transition {e.phase.name} -> {to.name} (bug)")
+        del self._in[e.phase][e.uid]
+        self._in[to][e.uid] = e
+        e.phase = to
+
+    def answered(self, r: PoolResult) -> Episode:
+        """The episode a pool result answers; it must be waiting for a result of that kind."""
+        e = self.episodes.get(r.episode_id)
+        if e is None or e.phase is not _AWAITS.get(r.kind):
+            where = "unknown" if e is None else f"in phase {e.phase.name}"
+            raise RuntimeError(f"{r.kind.value} result for episode {r.episode_id} {where} (bug)")
+        return e
+
+    def __getitem__(self, phase: Phase) -> list[Episode]:
+        return list(self._in[phase].values())
+
+    def count(self, *phases: Phase) -> int:
+        return sum(len(self._in[p]) for p in phases)
+
+
 class Rollout:
     """Runs episodes for (task_id, group) pairs; see module docstring.
 
-    ``pool`` is an env pool (``envs.pool``) whose episodes are keyed by our uid.
+    ``pool`` is an env pool (``agentgym_jax.envs_driver``) whose episodes are keyed by our uid.
     """
 
     def __init__(
@@ -121,47 +183,36 @@ class Rollout:
 
     def run(self, tasks: Sequence[tuple[int, int]], s: RolloutSettings) -> RolloutResult:
         """Episodes for ``tasks`` (``data.Task`` or (task_id, group) pairs) under settings ``s``."""
-        eng, pool = self.engine, self.pool
+        eng = self.engine
         t0 = time.perf_counter()
-        eps = {
-            uid: Episode(uid=uid, task_id=int(t), group=int(g)) for uid, (t, g) in enumerate(tasks)
-        }
-        for e in eps.values():
-            pool.submit_reset(e.uid, e.task_id)
-        ready: list[Episode] = []  # reset done, waiting for a slot
-        waiting_env: set[int] = set(eps)
-        decoding: set[int] = set()
-        unfinished = len(eps)
+        book = EpisodeBook(
+            [Episode(uid=uid, task_id=int(t), group=int(g)) for uid, (t, g) in enumerate(tasks)]
+        )
+        for e in book.episodes.values():
+            self.pool.submit_reset(e.uid, e.task_id)
         env_wait = decode_time = 0.0
-        while unfinished:
+        while book.count(Phase.DONE) < len(book.episodes):
             # 1) Collect env replies (block only when the engine has nothing to do).
-            if waiting_env:
+            if n_env := book.count(Phase.RESETTING, Phase.WAITING_ENV):
                 tw = time.perf_counter()
-                results = self._gather(waiting_env, len(decoding))
+                results = self._gather(n_env, book.count(Phase.DECODING))
                 env_wait += time.perf_counter() - tw
                 to_append: list[Episode] = []
-                for uid, res in results:
-                    e = eps[uid]
-                    waiting_env.discard(uid)
-                    if e.turns == 0 and not e.tokens:
-                        self._on_reset(e, res, s, ready)
-                    else:
-                        self._on_step(e, res, s, to_append)
-                    if e.finished:
-                        unfinished -= 1
+                for r in results:
+                    e = book.answered(r)
+                    if r.kind is Kind.RESET:
+                        self._on_reset(book, e, r.result, s)
+                    elif self._on_step(book, e, r.result, s):
+                        to_append.append(e)
                 if to_append:
-                    self._append(to_append, s)
-                    for e in to_append:
-                        if e.finished:
-                            unfinished -= 1
-                        else:
-                            decoding.add(e.uid)
+                    self._append(book, to_append, s)
             # 2) Start ready episodes in free slots (one batched prefill).
             free = eng.free_slots()
-            if ready and free:
-                batch, ready = ready[: len(free)], ready[len(free) :]
+            if (ready := book[Phase.READY]) and free:
+                batch = ready[: len(free)]
                 for e, slot in zip(batch, free):
                     e.slot = slot
+                    book.move(e, Phase.DECODING)
                 eng.prefill(
                     [e.slot for e in batch],
                     [e.tokens for e in batch],
@@ -171,34 +222,31 @@ class Rollout:
                     seeds=[episode_seed(s.seed, e.uid) for e in batch],
                 )
                 eng.begin_turn([e.slot for e in batch], s.max_tokens_per_turn, self.stop_token_ids)
-                decoding.update(e.uid for e in batch)
             # 3) Decode until some turn ends; hand finished turns to the envs.
-            if decoding:
+            if decoding := book[Phase.DECODING]:
                 td = time.perf_counter()
                 done_turns = eng.step(return_on_first=True)
                 decode_time += time.perf_counter() - td
-                by_slot = {eps[u].slot: eps[u] for u in decoding}
+                by_slot = {e.slot: e for e in decoding}
                 for slot, turn in done_turns.items():
                     e = by_slot[slot]
-                    decoding.discard(e.uid)
                     if self._on_turn(e, turn, s):
-                        waiting_env.add(e.uid)
+                        book.move(e, Phase.WAITING_ENV)
                     else:
-                        self._finish(e)
-                        unfinished -= 1
-            elif not waiting_env and not ready and unfinished:
-                raise RuntimeError(f"rollout stalled with {unfinished} unfinished episodes (bug)")
+                        self._finish(book, e)
+            elif book.count(Phase.READY) and not book.count(Phase.RESETTING, Phase.WAITING_ENV):
+                raise RuntimeError("rollout stalled: episodes wait for slots none will free (bug)")
         stats = dict(rollout_s=time.perf_counter() - t0, env_wait_s=env_wait, decode_s=decode_time)
-        return RolloutResult([eps[u] for u in sorted(eps)], stats)
+        return RolloutResult([book.episodes[u] for u in sorted(book.episodes)], stats)
 
-    def _gather(self, waiting_env: set[int], n_decoding: int) -> list:
+    def _gather(self, n_waiting_env: int, n_decoding: int) -> list[PoolResult]:
         """Env replies that are ready, waiting up to ``gather_window_s`` for more while more
         episodes wait on envs than decode. A decode step costs the same for 1 or all slots, so
         starting a turn for one episode while the rest of the batch is a few ms behind wastes
         the accelerator; slow envs still cannot stall it for longer than the window."""
         results = self.pool.poll(timeout=0.0 if n_decoding else 0.05)
         deadline = time.perf_counter() + self.gather_window_s
-        while len(results) < len(waiting_env) and n_decoding < len(waiting_env) - len(results):
+        while len(results) < n_waiting_env and n_decoding < n_waiting_env - len(results):
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
@@ -209,10 +257,10 @@ class Rollout:
         return results
 
     # ---- event handlers ----
-    def _on_reset(self, e: Episode, res, s: RolloutSettings, ready: list[Episode]):
+    def _on_reset(self, book: EpisodeBook, e: Episode, res, s: RolloutSettings):
         if res.info.get("error"):
             e.error = str(res.info["error"])
-            self._finish(e)
+            self._finish(book, e)
             return
         msgs = self.pool.initial_messages(res)
         e.messages = list(msgs)
@@ -220,13 +268,13 @@ class Rollout:
         if len(ids) > s.max_prompt_length or len(ids) >= self.engine.config.max_len:
             e.truncated = "prompt"
             e.error = f"prompt of {len(ids)} tokens exceeds max_prompt_length={s.max_prompt_length}"
-            self._finish(e)
+            self._finish(book, e)
             return
         e.tokens = list(ids)
         e.loss_mask = [0] * len(ids)
         e.logprobs = [0.0] * len(ids)
         e.prompt_len = len(ids)
-        ready.append(e)
+        book.move(e, Phase.READY)
 
     def _on_turn(self, e: Episode, turn, s: RolloutSettings) -> bool:
         """Record a finished model turn; returns True if the action went to the env."""
@@ -250,55 +298,56 @@ class Rollout:
         self.pool.submit_step(e.uid, text)
         return True
 
-    def _on_step(self, e: Episode, res, s: RolloutSettings, to_append: list[Episode]):
+    def _on_step(self, book: EpisodeBook, e: Episode, res, s: RolloutSettings) -> bool:
+        """Record the env's reply; returns True if the episode goes on (its reply is appended)."""
         e.turn_rewards.append(float(res.reward))
         e.score = float(res.reward)  # the paper's outcome: the last step's score
         e.env_done = bool(res.done)
         if res.info.get("error"):
             e.error = str(res.info["error"])
+        e.messages.append({"role": "user", "content": res.observation})
         if e.env_done or e.error:
             e.success = self.success_fn(e.score, res.info, e.env_done) and not e.error
-            e.messages.append({"role": "user", "content": res.observation})
-            self._finish(e)
-            return
-        e.messages.append({"role": "user", "content": res.observation})
+            self._finish(book, e)
+            return False
         if e.turns >= s.max_turns:
             e.truncated = "horizon"
-            self._finish(e)
-            return
-        to_append.append(e)
+            self._finish(book, e)
+            return False
+        return True
 
-    def _append(self, eps: list[Episode], s: RolloutSettings):
-        slots, deltas = [], []
+    def _append(self, book: EpisodeBook, eps: list[Episode], s: RolloutSettings):
+        """Append each episode's env reply to its slot and start its next turn."""
+        live, deltas = [], []
         for e in eps:
             ended = bool(e.turn_ends) and e.tokens[e.turn_ends[-1]] == self.chat.end_of_turn_id
             # messages ends with [..., assistant, user(obs)]: the delta is that user message + gen prompt.
             delta = self.chat.delta_ids(e.messages[:-1], e.messages[-1:], model_ended_turn=ended)
             if len(e.tokens) + len(delta) >= self.engine.config.max_len:
                 e.truncated = "length"
-                self._finish(e)
+                self._finish(book, e)
                 continue
-            slots.append(e.slot)
+            live.append(e)
             deltas.append(delta)
             e.tokens += delta
             e.loss_mask += [0] * len(delta)
             e.logprobs += [0.0] * len(delta)
-        live = [e for e in eps if not e.finished]
         if not live:
             return
+        slots = [e.slot for e in live]
         try:
             self.engine.append(slots, deltas)
         except SlotFullError:  # guarded above; keep the episode data consistent if it happens
             for e in live:
                 e.truncated = "length"
-                self._finish(e)
+                self._finish(book, e)
             return
         self.engine.begin_turn(slots, s.max_tokens_per_turn, self.stop_token_ids)
+        for e in live:
+            book.move(e, Phase.DECODING)
 
-    def _finish(self, e: Episode):
-        if e.finished:
-            return
-        e.finished = True
+    def _finish(self, book: EpisodeBook, e: Episode):
+        book.move(e, Phase.DONE)
         if e.slot >= 0:
             self.engine.release([e.slot])
         self.pool.end_episode(e.uid)

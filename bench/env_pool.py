@@ -10,7 +10,7 @@ import json
 import time
 
 from envs.babyai import expert_action
-from envs.pool import EnvPool
+from envs.pool import EnvPool, Kind
 from envs.textcraft import expert_plan
 
 BABYAI = dict(levels=["GoToRedBallNoDists", "GoToObj", "GoToLocal", "PickupLoc"])
@@ -40,15 +40,16 @@ def run(
             )
         next_task[0] += episodes
         warm = pool.poll(timeout=60)
-        pending = {ep for ep, _ in warm}
+        pending = {r.episode_id for r in warm}
         while len(pending) < episodes:
             warm += pool.poll(timeout=60)
-            pending = {ep for ep, _ in warm}
+            pending = {r.episode_id for r in warm}
         queue = warm
         start = time.perf_counter()
         while time.perf_counter() - start < duration:
-            for ep, res in queue:
-                if res.info.get("reset"):
+            for r in queue:
+                ep, res = r.episode_id, r.result
+                if r.kind is Kind.RESET:
                     obs[ep], turns[ep] = res.observation, 0
                     plans[ep] = expert_plan(res.observation) if env_name == "textcraft" else []
                 elif res.done or turns.get(ep, 0) > 20:

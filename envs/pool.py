@@ -3,9 +3,10 @@
     with EnvPool(num_workers=4, step_timeout=30) as pool:
         pool.submit_reset(ep, "babyai", task_id, {"levels": [...]})
         pool.submit_step(ep, reply_text)
-        for ep, result in pool.poll(timeout=0.0): ...       # StepResult per submission
+        for r in pool.poll(timeout=0.0): ...  # PoolResult(kind, episode_id, result) per submission
 
-Every submission yields exactly one result. An episode lives on one worker (its env object is
+Every submission yields exactly one result, of the submission's kind (a failed reset is a reset
+result). An episode lives on one worker (its env object is
 there). A worker that crashes or exceeds the timeout is killed and replaced; the episode being
 served gets `StepResult("", 0.0, True, {"error": ...})`, and the worker's other episodes get the
 same as the answer to their next submission. An env that raises ends only its own episode.
@@ -17,17 +18,65 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import enum
 import multiprocessing as mp
 import time
 import traceback
 import weakref
 from collections.abc import Hashable
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, ClassVar
 
 from envs.base import EPISODE_OVER, StepResult
 
 EpisodeId = Hashable
+
+
+class Kind(enum.Enum):
+    RESET = "reset"
+    STEP = "step"
+    CLOSE = "close"
+
+
+# Requests and results are our own records: they cross the pipe to workers (pickled), never HTTP.
+@dataclasses.dataclass(frozen=True)
+class ResetRequest:
+    episode_id: EpisodeId
+    env_name: str
+    spec: Any
+    """The registered factory (``envs.factory_spec``), resolved in the worker."""
+    task_id: int
+    kwargs: dict[str, Any]
+    kind: ClassVar[Kind] = Kind.RESET
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRequest:
+    episode_id: EpisodeId
+    action: str
+    kind: ClassVar[Kind] = Kind.STEP
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseRequest:
+    episode_id: EpisodeId
+    kind: ClassVar[Kind] = Kind.CLOSE
+
+
+Request = ResetRequest | StepRequest | CloseRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolResult:
+    """The answer to one submission: its kind, so a reset's result is never taken for a step's."""
+
+    kind: Kind
+    episode_id: EpisodeId
+    result: StepResult
+
+
+def _failure(req: Request, reason: str) -> PoolResult:
+    return PoolResult(req.kind, req.episode_id, StepResult("", 0.0, True, {"error": reason}))
 
 
 # -- worker side --------------------------------------------------------------------------------
@@ -50,28 +99,34 @@ class _EnvHost:
         else:
             self.idle[key].append(env)
 
-    def handle(self, req: tuple) -> StepResult:
-        kind, episode_id = req[0], req[1]
+    def handle(self, req: Request) -> PoolResult:
+        return PoolResult(req.kind, req.episode_id, self._run(req))
+
+    def _run(self, req: Request) -> StepResult:
+        episode_id = req.episode_id
         try:
-            if kind == "reset":
+            if isinstance(req, ResetRequest):
                 import envs
 
-                name, spec, task_id, kwargs = req[2:]
-                key = (name, repr(sorted(kwargs.items())))
+                key = (req.env_name, repr(sorted(req.kwargs.items())))
                 if episode_id in self.live and self.live[episode_id][0] == key:
                     env = self.live[episode_id][1]
                 else:
                     self._release(episode_id)
-                    env = self.idle[key].pop() if self.idle[key] else envs.resolve(spec)(**kwargs)
+                    env = (
+                        self.idle[key].pop()
+                        if self.idle[key]
+                        else envs.resolve(req.spec)(**req.kwargs)
+                    )
                     self.live[episode_id] = (key, env)
-                obs = env.reset(task_id)
+                obs = env.reset(req.task_id)
                 return StepResult(
                     obs,
                     0.0,
                     False,
-                    {"reset": True, "instruction": env.instruction(), "ack": env.ack},
+                    {"instruction": env.instruction(), "ack": env.ack},
                 )
-            if kind == "step":
+            if isinstance(req, StepRequest):
                 if episode_id not in self.live:
                     return StepResult(
                         EPISODE_OVER,
@@ -79,14 +134,14 @@ class _EnvHost:
                         True,
                         {"error": "episode has no env (finished or never reset)"},
                     )
-                result = self.live[episode_id][1].step(req[2])
+                result = self.live[episode_id][1].step(req.action)
                 if result.done:
                     self._release(episode_id)
                 return result
-            if kind == "close":
+            if isinstance(req, CloseRequest):
                 self._release(episode_id)
-                return StepResult("", 0.0, True, {"closed": True})
-            raise ValueError(f"unknown request kind {kind!r}")
+                return StepResult("", 0.0, True, {})
+            raise TypeError(f"unknown request {req!r}")
         except Exception as e:  # an env bug ends its episode, never the worker
             self._release(episode_id, broken=True)
             return StepResult(
@@ -104,9 +159,9 @@ def _worker_main(conn: Connection) -> None:
             req = conn.recv()
         except (EOFError, OSError, KeyboardInterrupt):
             return
-        if req is None:
+        if req is None:  # shutdown
             return
-        conn.send((req[1], host.handle(req)))
+        conn.send(host.handle(req))
 
 
 # -- parent side --------------------------------------------------------------------------------
@@ -114,8 +169,9 @@ def _worker_main(conn: Connection) -> None:
 class _Worker:
     proc: Any
     conn: Connection
-    pending: collections.deque = dataclasses.field(default_factory=collections.deque)
-    inflight: tuple | None = None  # (request, deadline)
+    pending: collections.deque[Request] = dataclasses.field(default_factory=collections.deque)
+    inflight: Request | None = None
+    deadline: float = 0.0  # of the inflight request
     episodes: set = dataclasses.field(default_factory=set)
 
 
@@ -149,7 +205,7 @@ class EnvPool:
         self._home: dict[EpisodeId, int] = {}  # episode -> worker index
         self._lost: dict[EpisodeId, str] = {}  # episodes whose worker died while idle
         self._done: set = set()
-        self._ready: collections.deque = collections.deque()  # results not yet handed out
+        self._ready: collections.deque[PoolResult] = collections.deque()  # not yet handed out
         self.restarts = 0
         self._closed = False
         atexit.register(_close_ref, weakref.ref(self))
@@ -181,24 +237,22 @@ class EnvPool:
         if episode_id not in self._home:
             load = [len(w.episodes) + len(w.pending) for w in self._workers] or [0]
             self._home[episode_id] = load.index(min(load))
-        self._submit(episode_id, ("reset", episode_id, env_name, spec, int(task_id), kwargs))
+        self._submit(ResetRequest(episode_id, env_name, spec, int(task_id), kwargs))
 
     def submit_step(self, episode_id: EpisodeId, action: str) -> None:
         """Send the model's reply for `episode_id`; the result arrives through `poll`."""
         if episode_id not in self._home:
             raise KeyError(f"episode {episode_id!r} was never reset; call submit_reset first")
+        req = StepRequest(episode_id, action)
         if episode_id in self._lost:
-            self._ready.append(
-                (episode_id, StepResult("", 0.0, True, {"error": self._lost.pop(episode_id)}))
-            )
+            self._ready.append(_failure(req, self._lost.pop(episode_id)))
             self._done.add(episode_id)
             return
         if episode_id in self._done:
-            self._ready.append(
-                (episode_id, StepResult(EPISODE_OVER, 0.0, True, {"error": "episode finished"}))
-            )
+            over = StepResult(EPISODE_OVER, 0.0, True, {"error": "episode finished"})
+            self._ready.append(PoolResult(Kind.STEP, episode_id, over))
             return
-        self._submit(episode_id, ("step", episode_id, action))
+        self._submit(req)
 
     def close_episode(self, episode_id: EpisodeId) -> None:
         """Forget an episode and hand its env back for reuse (no result is produced)."""
@@ -211,44 +265,46 @@ class EnvPool:
             self._local._release(episode_id)
             return
         self._workers[home].episodes.discard(episode_id)
-        self._workers[home].pending.append(("close", episode_id))
+        self._workers[home].pending.append(CloseRequest(episode_id))
         self._dispatch(home)
 
-    def _submit(self, episode_id: EpisodeId, req: tuple) -> None:
+    def _submit(self, req: ResetRequest | StepRequest) -> None:
         if self._local is not None:
-            self._record(episode_id, self._local.handle(req))
+            self._record(self._local.handle(req))
             return
-        home = self._home[episode_id]
-        self._workers[home].episodes.add(episode_id)
+        home = self._home[req.episode_id]
+        self._workers[home].episodes.add(req.episode_id)
         self._workers[home].pending.append(req)
         self._dispatch(home)
 
-    def _record(self, episode_id: EpisodeId, result: StepResult) -> None:
-        if result.done:
-            self._done.add(episode_id)
-        self._ready.append((episode_id, result))
+    def _record(self, r: PoolResult) -> None:
+        if r.result.done:
+            self._done.add(r.episode_id)
+        self._ready.append(r)
 
     def _dispatch(self, index: int) -> None:
         w = self._workers[index]
         if w.inflight is not None or not w.pending:
             return
         req = w.pending.popleft()
-        timeout = self.reset_timeout if req[0] == "reset" else self.step_timeout
-        w.inflight = (req, time.monotonic() + timeout)
+        w.inflight, w.deadline = req, time.monotonic() + self._timeout(req)
         try:
             w.conn.send(req)
         except (OSError, ValueError) as e:
             self._fail_worker(index, f"worker crashed (pipe broken: {e})")
 
+    def _timeout(self, req: Request) -> float:
+        return self.reset_timeout if req.kind is Kind.RESET else self.step_timeout
+
     # -- results --------------------------------------------------------------------------------
-    def poll(self, timeout: float = 0.0) -> list[tuple[EpisodeId, StepResult]]:
+    def poll(self, timeout: float = 0.0) -> list[PoolResult]:
         """Results that are ready, waiting up to `timeout` seconds for at least one."""
         end = time.monotonic() + max(timeout, 0.0)
         while not self._ready and self._workers:
             busy = [i for i, w in enumerate(self._workers) if w.inflight is not None]
             if not busy:
                 break
-            deadline = min(self._workers[i].inflight[1] for i in busy)
+            deadline = min(self._workers[i].deadline for i in busy)
             wait_for = max(0.0, min(end, deadline) - time.monotonic())
             handles = [self._workers[i].conn for i in busy] + [
                 self._workers[i].proc.sentinel for i in busy
@@ -258,23 +314,21 @@ class EnvPool:
                 w = self._workers[i]
                 if w.conn in ready:
                     try:
-                        episode_id, result = w.conn.recv()
+                        reply: PoolResult = w.conn.recv()
                     except (EOFError, OSError):
                         self._fail_worker(i, f"worker crashed (exit code {w.proc.exitcode})")
                         continue
                     w.inflight = None
-                    if result.info.get("closed"):
-                        w.episodes.discard(episode_id)
-                    else:
-                        self._record(episode_id, result)
+                    if reply.kind is not Kind.CLOSE:  # closes produce no result
+                        self._record(reply)
                     self._dispatch(i)
                 elif w.proc.sentinel in ready:
                     w.proc.join(timeout=1.0)
                     self._fail_worker(i, f"worker crashed (exit code {w.proc.exitcode})")
-                elif time.monotonic() >= w.inflight[1]:
-                    kind = w.inflight[0][0]
-                    limit = self.reset_timeout if kind == "reset" else self.step_timeout
-                    self._fail_worker(i, f"{kind} timed out after {limit:g}s; worker restarted")
+                elif time.monotonic() >= w.deadline:
+                    req = w.inflight
+                    msg = f"{req.kind.value} timed out after {self._timeout(req):g}s"
+                    self._fail_worker(i, f"{msg}; worker restarted")
             if time.monotonic() >= end:
                 break
         out = list(self._ready)
@@ -288,28 +342,28 @@ class EnvPool:
             w.proc.kill()
         w.proc.join(timeout=5.0)
         w.conn.close()
-        served = w.inflight[0][1] if w.inflight is not None else None
-        if served is not None and w.inflight[0][0] != "close":
-            self._record(served, StepResult("", 0.0, True, {"error": reason}))
-        for req in w.pending:  # queued behind the failure: answered, never dropped
-            if req[0] != "close":
-                self._record(req[1], StepResult("", 0.0, True, {"error": reason}))
+        served = w.inflight.episode_id if w.inflight is not None else None
+        # The request being served and those queued behind it are answered, never dropped.
+        for req in ([w.inflight] if w.inflight is not None else []) + list(w.pending):
+            if req.kind is not Kind.CLOSE:
+                self._record(_failure(req, reason))
+        queued = {req.episode_id for req in w.pending}
         for ep in w.episodes:
-            if ep != served and all(req[1] != ep for req in w.pending) and ep not in self._done:
+            if ep != served and ep not in queued and ep not in self._done:
                 self._lost[ep] = reason
         fresh = self._spawn()
         self._workers[index] = fresh
         self.restarts += 1
 
     # -- blocking conveniences ------------------------------------------------------------------
-    def _await(self, episode_id: EpisodeId) -> StepResult:
+    def _await(self, kind: Kind, episode_id: EpisodeId) -> StepResult:
         stash = []
         try:
             while True:
-                for ep, res in self.poll(timeout=1.0):
-                    if ep == episode_id:
-                        return res
-                    stash.append((ep, res))
+                for r in self.poll(timeout=1.0):
+                    if r.kind is kind and r.episode_id == episode_id:
+                        return r.result
+                    stash.append(r)
         finally:
             self._ready.extendleft(reversed(stash))
 
@@ -317,11 +371,11 @@ class EnvPool:
         self, episode_id: EpisodeId, env_name: str, task_id: int, env_kwargs: dict | None = None
     ) -> StepResult:
         self.submit_reset(episode_id, env_name, task_id, env_kwargs)
-        return self._await(episode_id)
+        return self._await(Kind.RESET, episode_id)
 
     def step(self, episode_id: EpisodeId, action: str) -> StepResult:
         self.submit_step(episode_id, action)
-        return self._await(episode_id)
+        return self._await(Kind.STEP, episode_id)
 
     def step_many(self, actions: dict[EpisodeId, str]) -> dict[EpisodeId, StepResult]:
         """Step several episodes concurrently and wait for all of them."""
@@ -330,12 +384,11 @@ class EnvPool:
         out: dict[EpisodeId, StepResult] = {}
         stash = []
         while len(out) < len(actions):
-            for ep, res in self.poll(timeout=1.0):
-                (
-                    out.__setitem__(ep, res)
-                    if ep in actions and ep not in out
-                    else stash.append((ep, res))
-                )
+            for r in self.poll(timeout=1.0):
+                if r.kind is Kind.STEP and r.episode_id in actions and r.episode_id not in out:
+                    out[r.episode_id] = r.result
+                else:
+                    stash.append(r)
         self._ready.extendleft(reversed(stash))
         return out
 

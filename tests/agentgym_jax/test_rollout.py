@@ -1,5 +1,7 @@
 """Rollout: trajectories are exactly what the model saw and produced; limits truncate cleanly."""
 
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +12,17 @@ from agentgym_jax.engine.chat import ChatDeltas
 from agentgym_jax.envs_driver import EnvDriver
 from agentgym_jax.models import from_pretrained
 from agentgym_jax.rl.losses import sequence_logprobs
-from agentgym_jax.rollout import Rollout, RolloutSettings, rollout_metrics, to_batch
+from agentgym_jax.rollout import (
+    Episode,
+    EpisodeBook,
+    Phase,
+    Rollout,
+    RolloutSettings,
+    rollout_metrics,
+    to_batch,
+)
+from envs.base import StepResult
+from envs.pool import Kind, PoolResult
 
 LEVELS = {"levels": ["GoToRedBallNoDists"]}
 
@@ -106,7 +118,7 @@ def test_length_limit_truncates_without_crashing(agent):
     _, tok, model = agent
     drv = EnvDriver("babyai", LEVELS)
     drv.submit_reset(0, 0)
-    prompt_len = len(ChatDeltas(tok).prompt_ids(drv.initial_messages(drv.poll()[0][1])))
+    prompt_len = len(ChatDeltas(tok).prompt_ids(drv.initial_messages(drv.poll()[0].result)))
     ro, _ = _rollout(agent, max_len=prompt_len + 40, slots=2, buckets=(64, 256))
     eps = ro.run(
         [(0, 0), (1, 0), (2, 1)],
@@ -148,3 +160,79 @@ def test_unclosed_turn_score_ends_the_episode(agent):
         assert to_batch([c])["rewards"].sum() == -0.5
     assert n_cut >= 1  # a 6-token budget cuts the untrained model's turns
     assert rollout_metrics(cut)["train/unclosed_end_frac"] == n_cut / len(cut)
+
+
+# ---- phases and result kinds (no model: a scripted pool, a stub engine and chat) ----
+class ScriptedPool:
+    """Answers each reset with the results ``script(uid)`` gives."""
+
+    def __init__(self, script):
+        self.script, self.out, self.ended = script, [], []
+
+    def submit_reset(self, uid, task_id):
+        self.out += self.script(uid)
+
+    def poll(self, timeout=0.0):
+        out, self.out = self.out, []
+        return out
+
+    def initial_messages(self, res):
+        return [{"role": "user", "content": res.observation}]
+
+    def end_episode(self, uid):
+        self.ended.append(uid)
+
+
+def _scripted(script, prompt_len=3):
+    engine = SimpleNamespace(free_slots=lambda: [], config=SimpleNamespace(max_len=100))
+    chat = SimpleNamespace(end_of_turn_id=0, prompt_ids=lambda msgs: [1] * prompt_len)
+    pool = ScriptedPool(script)
+    return Rollout(engine, pool, chat), pool
+
+
+def _res(error=None):
+    return StepResult("obs", 0.0, error is not None, {"error": error} if error else {})
+
+
+S = RolloutSettings(max_turns=2, max_tokens_per_turn=4, max_prompt_length=10)
+
+
+def test_step_result_for_a_resetting_episode_raises():
+    ro, _ = _scripted(lambda uid: [PoolResult(Kind.STEP, uid, _res())])
+    with pytest.raises(RuntimeError, match="step result for episode 0 in phase RESETTING"):
+        ro.run([(0, 0)], S)
+
+
+def test_reset_result_is_told_by_its_kind():
+    # A failed reset ends its episode as a reset: no prompt, no turn, no step reward.
+    ro, pool = _scripted(lambda uid: [PoolResult(Kind.RESET, uid, _res("boom"))])
+    [e] = ro.run([(0, 0)], S).episodes
+    assert e.finished and e.error == "boom" and e.tokens == [] and e.turn_rewards == []
+    assert pool.ended == [0]
+    # A second reset result for the same episode (now READY) is a bug, not a new prompt.
+    ro, _ = _scripted(lambda uid: [PoolResult(Kind.RESET, uid, _res())] * 2)
+    with pytest.raises(RuntimeError, match="reset result for episode 0 in phase READY"):
+        ro.run([(0, 0)], S)
+    ro, _ = _scripted(lambda uid: [PoolResult(Kind.CLOSE, uid, _res())])
+    with pytest.raises(RuntimeError, match="close result"):
+        ro.run([(0, 0)], S)
+
+
+def test_stall_raises_instead_of_spinning():
+    # READY episodes, no free slot, nothing decoding or waiting on an env: nothing can move.
+    ro, _ = _scripted(lambda uid: [PoolResult(Kind.RESET, uid, _res())])
+    with pytest.raises(RuntimeError, match="stalled"):
+        ro.run([(0, 0)], S)
+
+
+def test_impossible_phase_transitions_raise():
+    e = Episode(uid=7, task_id=0, group=0)
+    book = EpisodeBook([e])
+    assert e.phase is Phase.RESETTING and not e.finished
+    with pytest.raises(RuntimeError, match="RESETTING -> DECODING"):
+        book.move(e, Phase.DECODING)
+    for to in (Phase.READY, Phase.DECODING, Phase.WAITING_ENV, Phase.DECODING, Phase.DONE):
+        book.move(e, to)
+    assert e.finished and book[Phase.DONE] == [e] and book.count(Phase.DECODING) == 0
+    with pytest.raises(RuntimeError, match="DONE -> DONE"):  # finishing twice is a bug
+        book.move(e, Phase.DONE)

@@ -8,7 +8,7 @@ import pytest
 
 import envs
 from envs.base import EPISODE_OVER
-from envs.pool import EnvPool
+from envs.pool import EnvPool, Kind, PoolResult
 
 envs.register("fault", "envs.testing:FaultEnv", overwrite=True)
 
@@ -23,12 +23,13 @@ def pool():
         yield p
 
 
-def collect(pool, n, timeout=30.0):
+def collect(pool, n, timeout=30.0, kind=None):
     out, end = {}, time.monotonic() + timeout
     while len(out) < n and time.monotonic() < end:
-        for ep, res in pool.poll(timeout=0.5):
-            assert ep not in out, f"two results for {ep}"
-            out[ep] = res
+        for r in pool.poll(timeout=0.5):
+            assert isinstance(r, PoolResult) and r.episode_id not in out, f"two results for {r}"
+            assert kind is None or r.kind is kind, r
+            out[r.episode_id] = r.result
     assert len(out) == n, f"got {len(out)} of {n} results"
     return out
 
@@ -49,12 +50,12 @@ def test_reset_result_carries_prompt(pool):
 def test_episodes_run_concurrently_on_two_workers(pool):
     for i in range(2):
         pool.submit_reset(f"c{i}", "fault", i)
-    collect(pool, 2)
+    collect(pool, 2, kind=Kind.RESET)
     assert {pool.worker_of("c0"), pool.worker_of("c1")} == {0, 1}
     start = time.monotonic()
     for i in range(2):
         pool.submit_step(f"c{i}", act("sleep 1"))
-    res = collect(pool, 2)
+    res = collect(pool, 2, kind=Kind.STEP)
     assert time.monotonic() - start < 1.8, "two 1 s steps on two workers should overlap"
     assert all(r.observation == "slept" for r in res.values())
 
@@ -100,6 +101,19 @@ def test_hung_step_times_out_and_worker_is_replaced(pool):
     assert pool.step("h0", act("win")).reward == 1.0
 
 
+def test_failed_requests_keep_their_kind(pool):
+    """A reset queued behind a hung step fails as a reset; the step fails as a step."""
+    pool.reset("q0", "fault", 0)
+    pool.submit_step("q0", act("sleep 60"))
+    pool.submit_reset("q0", "fault", 1)
+    out, end = [], time.monotonic() + 15
+    while len(out) < 2 and time.monotonic() < end:
+        out += pool.poll(timeout=0.5)
+    assert [(r.kind, r.episode_id) for r in out] == [(Kind.STEP, "q0"), (Kind.RESET, "q0")]
+    assert all(r.result.done and "timed out" in r.result.info["error"] for r in out)
+    assert pool.reset("q0", "fault", 2).observation.startswith("Task 2")
+
+
 def test_kill_9_mid_episode(pool):
     eps = [f"k{i}" for i in range(4)]
     for i, ep in enumerate(eps):
@@ -134,8 +148,13 @@ def test_in_process_backend_matches():
         res = p.reset("a", "fault", 4)
         assert res.observation == f"Task 4 (pid {os.getpid()})"
         p.submit_step("a", act("raise"))
-        [(ep, r)] = p.poll()
-        assert ep == "a" and r.done and "injected" in r.info["error"]
+        [r] = p.poll()
+        assert (r.kind, r.episode_id) == (Kind.STEP, "a")
+        assert r.result.done and "injected" in r.result.info["error"]
+        p.submit_reset("a", "fault", 2)
+        [r] = p.poll()
+        assert (r.kind, r.episode_id) == (Kind.RESET, "a")
+        assert r.result.observation.startswith("Task 2")
         p.reset("b", "fault", 1)
         out = p.step_many({"b": act("echo x")})
         assert out["b"].observation == "echo: x"
