@@ -5,11 +5,13 @@ from agentgym_jax.engine.chat import ChatDeltas
 from agentgym_jax.engine.engine import Engine, EngineConfig, SlotFullError, TurnResult
 from agentgym_jax.engine.generate import generate
 from agentgym_jax.engine.jetstream_adapter import JetStreamAdapter
+from agentgym_jax.engine.jetstream_api import JetStreamEngine
 from agentgym_jax.engine.sampling import SamplingParams, sample
 
 __all__ = [
     "ChatDeltas",
     "JetStreamAdapter",
+    "JetStreamEngine",
     "Engine",
     "EngineConfig",
     "SamplingParams",

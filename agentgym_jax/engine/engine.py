@@ -141,7 +141,7 @@ class Engine:
         rules=shd.DEFAULT_RULES,
     ):
         config.validate()
-        self.config, self.mesh = config, mesh
+        self.config, self.mesh, self._rules = config, mesh, rules
         self.graphdef, params = nnx.split(model)
         if mesh is not None:
             params = jax.device_put(params, shd.state_shardings(params, mesh, rules))
@@ -150,36 +150,53 @@ class Engine:
         self._episodes = 0
         self._slots = [_Slot() for _ in range(config.num_slots)]
         self._finished: dict[int, TurnResult] = {}
-        mcfg = model.config
-        dtype = config.cache_dtype or model.dtype
-        cache = KVCache.zeros(mcfg, config.num_slots, config.max_len, dtype)
-        state = core.init_state(cache)
-        if mesh is not None:
-            kv = shd.sharding_for(
-                ("slots", "length", "kv_heads", "head_dim"), cache.k[0].shape, mesh, rules
-            )
-            per_slot = shd.sharding_for(("slots",), (config.num_slots,), mesh, rules)
+        self._cache_cfg = (model.config, config.cache_dtype or model.dtype)
+        self._state_sharding = self.slot_state_sharding(config.num_slots, config.max_len)
+        self.state = jax.device_put(self.new_slot_state(), self._state_sharding)
+        self._build_jits()
+
+    # ---- slot-state layout (also used by the JetStream adapter) ----
+    @property
+    def state_sharding(self) -> core.SlotState:
+        """Shardings of ``self.state`` (every jitted step returns its state with these)."""
+        return self._state_sharding
+
+    def new_slot_state(self, num_slots: int | None = None, max_len: int | None = None):
+        """A zeroed ``SlotState`` (default: the engine's shape); traceable inside a jit."""
+        mcfg, dtype = self._cache_cfg
+        s, t = num_slots or self.config.num_slots, max_len or self.config.max_len
+        return core.init_state(KVCache.zeros(mcfg, s, t, dtype))
+
+    def slot_state_sharding(self, num_slots: int, max_len: int) -> core.SlotState:
+        """Shardings for a ``SlotState`` of that shape on this engine's mesh or device."""
+        mcfg = self._cache_cfg[0]
+        if self.mesh is not None:
+            mesh, rules = self.mesh, self._rules
+            shape = (num_slots, max_len, mcfg.num_key_value_heads, mcfg.head_dim)
+            kv = shd.sharding_for(("slots", "length", "kv_heads", "head_dim"), shape, mesh, rules)
+            per_slot = shd.sharding_for(("slots",), (num_slots,), mesh, rules)
             rng = NamedSharding(mesh, P(*per_slot.spec, None))
         else:
             # Pin the state to the params' device with an explicit sharding, so the first call's
             # (uncommitted) state and later (committed) states hit the same compiled function.
-            dev = sorted(jax.tree.leaves(params)[0].devices(), key=lambda d: d.id)[:1]
+            dev = sorted(jax.tree.leaves(self.params)[0].devices(), key=lambda d: d.id)[:1]
             kv = per_slot = rng = NamedSharding(Mesh(np.asarray(dev), ("x",)), P())
-        self._state_sharding = core.SlotState(KVCache(kv, kv), per_slot, per_slot, rng)
-        self.state = jax.device_put(state, self._state_sharding)
-        self._build_jits()
+        return core.SlotState(KVCache(kv, kv), per_slot, per_slot, rng)
+
+    def count_compiles(self, fn):
+        """Wrap a function about to be jitted so each trace adds one to ``num_compiles``."""
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            self.num_compiles += 1
+            return fn(*a, **k)
+
+        return wrapper
 
     # ---- jitted functions (traced once per shape; the counter runs at trace time) ----
     def _build_jits(self):
         out_state = self._state_sharding
-
-        def counted(fn):
-            @functools.wraps(fn)
-            def wrapper(*a, **k):
-                self.num_compiles += 1
-                return fn(*a, **k)
-
-            return wrapper
+        counted = self.count_compiles
 
         @counted
         def extend(graphdef, params, state, attend_len, *args):
