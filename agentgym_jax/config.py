@@ -98,7 +98,9 @@ class RolloutConfig:
     """Turn limit of evaluation episodes; 0 = the largest training horizon (max of
   algorithm.rounds_ctrl.rounds). Set it to compare runs trained with different horizons."""
     seed: int = 0
-    """Sampling seed (combined with the step)."""
+    """Offsets the episodes' sampling streams from ``trainer.seed``: step k samples with
+    ``mix_seed(trainer.seed, rollout.seed, 2k + eval)``. Change it to draw other episodes with the
+    same task order and update RNG."""
 
     def __post_init__(self):
         if self.n < 1:
@@ -156,7 +158,7 @@ class TrainerSection:
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     """Any of console, jsonl, tensorboard, wandb (offline unless WANDB_MODE is set)."""
     seed: int = 0
-    """Seed of the training RNG (sampling, mini-batch shuffles)."""
+    """Seed of the run: episode sampling (with ``rollout.seed``) and mini-batch shuffles."""
     max_bad_steps: int = 3
     """Stop after this many consecutive non-finite (NaN/inf) losses or grads; each is skipped."""
     log_transcripts: int = 4

@@ -141,9 +141,26 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Mod
     return module
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding for a [batch, ...] array: batch over (data, fsdp), the rest replicated."""
+def batch_sharding(mesh: Mesh, ndim: int = 1, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding for a [batch, ...] array: batch over (data, fsdp), the rest replicated.
+
+    Trailing dims are replicated whatever ``ndim`` says, so one sharding serves a whole batch
+    dict of [B] and [B, T] arrays.
+    """
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def data_parallel_ways(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many shards the batch dim is split into (data x fsdp by the default rules)."""
+    spec = logical_to_spec(("batch",), rules, mesh)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def shard_batch(batch: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """Put a host batch dict on ``mesh``, dim 0 split by ``batch_sharding``."""
+    sh = batch_sharding(mesh, rules=rules)
+    return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

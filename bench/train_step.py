@@ -25,11 +25,11 @@ def main():
     cfg = load_config(
         args.config, [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", *args.overrides]
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     rows = []
     try:
         for step in range(1, args.steps + 1):
-            rows.append(trainer.train_step(step))
+            rows.append(trainer.step(step)[0])
     finally:
         trainer.close()
     keys = (

@@ -30,8 +30,8 @@ from agentgym_jax.rl import (
     ActorConfig,
     compute_logprobs,
     init_train_state,  # noqa: E402
-    make_actor_optimizer,
     make_actor_update,
+    make_optimizer,
 )
 
 HF_CFG = dict(
@@ -67,7 +67,7 @@ def make_batch(b, t, vocab, seed=0):
 def bench_jax(cfg: ActorConfig, batch, steps):
     mcfg = ModelConfig.from_hf_dict(HF_CFG)
     mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=-1, tensor=1))
-    state = init_train_state(Transformer(mcfg, rngs=nnx.Rngs(0)), make_actor_optimizer(cfg), mesh)
+    state = init_train_state(Transformer(mcfg, rngs=nnx.Rngs(0)), make_optimizer(cfg), mesh)
     lp, _ = compute_logprobs(
         state.graphdef, state.params, batch, micro_batch_size=cfg.micro_batch_size
     )

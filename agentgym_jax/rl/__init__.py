@@ -10,13 +10,20 @@ from agentgym_jax.rl.advantages import (
     grpo,
     kl_in_reward,
     kl_penalty,
+    make_kl_controller,
     masked_mean,
     masked_whiten,
     reinforce_pp,
     reinforce_pp_baseline,
     rloo,
 )
-from agentgym_jax.rl.config import ActorConfig, AlgorithmConfig, CriticConfig, OptimConfig
+from agentgym_jax.rl.config import (
+    ActorConfig,
+    AlgorithmConfig,
+    CriticConfig,
+    KLCtrlConfig,
+    OptimConfig,
+)
 from agentgym_jax.rl.losses import (
     LOSS_AGG_MODES,
     agg_loss,
@@ -36,12 +43,9 @@ from agentgym_jax.rl.update import (
     compute_logprobs,
     compute_values,
     init_train_state,
-    make_actor_optimizer,
     make_actor_update,
-    make_critic_optimizer,
     make_critic_update,
     make_optimizer,
-    shard_batch,
     train_state_shardings,
 )
 

@@ -212,7 +212,7 @@ def kl_in_reward(
 
 
 class FixedKLController:
-    """Constant KL coefficient (host side)."""
+    """Constant KL coefficient (host side). ``value`` is the coefficient; it is the whole state."""
 
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
@@ -232,6 +232,18 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + err * n_steps / self.horizon
+
+
+def make_kl_controller(cfg: Any) -> FixedKLController | AdaptiveKLController:
+    """The controller for an ``algorithm.kl_ctrl`` config (type, kl_coef, target_kl, horizon)."""
+    kind = _cfg(cfg, "type", "fixed")
+    if kind == "fixed":
+        return FixedKLController(_cfg(cfg, "kl_coef", 0.001))
+    if kind == "adaptive":
+        return AdaptiveKLController(
+            _cfg(cfg, "kl_coef", 0.001), _cfg(cfg, "target_kl", 0.1), _cfg(cfg, "horizon", 10000)
+        )
+    raise ValueError(f"algorithm.kl_ctrl.type={kind!r}: allowed ['adaptive', 'fixed']")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,13 +324,17 @@ REQUIRED_KEYS = {
 }
 
 
-def compute_advantages(name: str, batch: Mapping[str, Any], cfg: Any = None) -> dict[str, Array]:
+def compute_advantages(
+    name: str, batch: Mapping[str, Any], cfg: Any = None, kl_coef: Any = None
+) -> dict[str, Array]:
     """Advantages and returns for ``batch`` with the estimator registered as ``name``.
 
     ``cfg`` is an ``AlgorithmConfig`` (or a mapping with its keys). With ``use_kl_in_reward`` the
     token-level KL penalty (sampler ``old_logprobs`` vs ``ref_logprobs``) is subtracted from
     ``rewards`` first, and its per-sequence sum from ``scores`` (outcome estimators). Returns
-    ``{"advantages", "returns"}`` plus ``"kl_in_reward"`` (mean per-sequence KL) when used.
+    ``{"advantages", "returns"}`` plus ``"kl_in_reward"`` (per-sequence KL [B]) when used.
+    ``kl_coef`` (a number or a traced scalar: the KL controller's current value) overrides
+    ``cfg.kl_ctrl.kl_coef``.
     """
     if name not in ADV_ESTIMATORS:
         raise ValueError(f"algorithm.adv_estimator={name!r}: allowed {sorted(ADV_ESTIMATORS)}")
@@ -339,7 +355,7 @@ def compute_advantages(name: str, batch: Mapping[str, Any], cfg: Any = None) -> 
             batch["old_logprobs"],
             batch["ref_logprobs"],
             batch["loss_mask"],
-            _cfg(cfg, "kl_coef", 0.001),
+            _cfg(_cfg(cfg, "kl_ctrl", None), "kl_coef", 0.001) if kl_coef is None else kl_coef,
             _cfg(cfg, "kl_penalty", "kl"),
         )
         if "scores" in batch:

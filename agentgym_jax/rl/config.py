@@ -39,6 +39,28 @@ def _choice(prefix, key, value, allowed):
 
 
 @dataclasses.dataclass
+class KLCtrlConfig:
+    """``algorithm.kl_ctrl.*``: the in-reward KL coefficient (used with ``use_kl_in_reward``)."""
+
+    type: str = "fixed"
+    """fixed: kl_coef throughout. adaptive: Ziegler et al.'s proportional controller moves the
+    coefficient after every step toward target_kl (per-sequence KL), as veRL's."""
+    kl_coef: float = 0.001
+    """Initial (fixed: constant) coefficient."""
+    target_kl: float = 0.1
+    """adaptive: the per-sequence KL the controller steers toward."""
+    horizon: int = 10000
+    """adaptive: sequences over which a full correction is made (smaller moves faster)."""
+
+    def __post_init__(self):
+        p = "algorithm.kl_ctrl"
+        _choice(p, "type", self.type, KL_CTRL_TYPES)
+        _positive(p, "kl_coef", self.kl_coef, allow_zero=True)
+        _positive(p, "target_kl", self.target_kl)
+        _positive(p, "horizon", self.horizon, integer=True)
+
+
+@dataclasses.dataclass
 class AlgorithmConfig:
     """``algorithm.*``: advantage estimator and KL-in-reward."""
 
@@ -51,17 +73,11 @@ class AlgorithmConfig:
     norm_adv_by_std_in_grpo: bool = True
     """GRPO divides by the group std; False gives Dr.GRPO."""
     use_kl_in_reward: bool = False
-    """Subtract kl_coef * KL(sampler || ref) per token from the reward before advantages."""
+    """Subtract kl_ctrl.kl_coef * KL(sampler || ref) per token from the reward before advantages."""
     kl_penalty: str = "kl"
     """KL estimator for the in-reward penalty: kl (k1), abs, mse (k2), low_var_kl (k3)."""
-    kl_coef: float = 0.001
-    """Initial in-reward KL coefficient."""
-    kl_ctrl_type: str = "fixed"
-    """fixed | adaptive (Ziegler et al. proportional controller on the in-reward coefficient)."""
-    kl_target: float = 0.1
-    """Adaptive controller: target KL per sequence."""
-    kl_horizon: int = 10000
-    """Adaptive controller: horizon in sequences."""
+    kl_ctrl: KLCtrlConfig = dataclasses.field(default_factory=lambda: KLCtrlConfig())
+    """The in-reward KL coefficient and how it moves (veRL's ``algorithm.kl_ctrl``)."""
 
     def __post_init__(self):
         p = "algorithm"
@@ -71,10 +87,8 @@ class AlgorithmConfig:
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 _fail(p, k, v, "must be a number in [0, 1]")
         _choice(p, "kl_penalty", self.kl_penalty, KL_TYPES)
-        _positive(p, "kl_coef", self.kl_coef, allow_zero=True)
-        _choice(p, "kl_ctrl_type", self.kl_ctrl_type, KL_CTRL_TYPES)
-        _positive(p, "kl_target", self.kl_target)
-        _positive(p, "kl_horizon", self.kl_horizon, integer=True)
+        if isinstance(self.kl_ctrl, dict):  # built directly from a mapping
+            self.kl_ctrl = KLCtrlConfig(**self.kl_ctrl)
 
 
 @dataclasses.dataclass

@@ -66,10 +66,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     )
 
 
-make_actor_optimizer = make_optimizer
-make_critic_optimizer = make_optimizer
-
-
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -105,16 +101,6 @@ def init_train_state(
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
     return TrainState(params=params, opt_state=opt_state, step=step, graphdef=graphdef, tx=tx)
-
-
-def data_axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Put a host batch on ``mesh``, dim 0 split over ("data", "fsdp")."""
-    s = NamedSharding(mesh, P(data_axes(mesh) or None))
-    return {k: jax.device_put(jnp.asarray(v), s) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,10 +236,7 @@ def _make_update(
     """Jitted (state, batch, rng) -> (state, metrics) for one training step (see module doc)."""
     graphdef, tx = state.graphdef, state.tx
     st_sh = train_state_shardings(state, mesh)
-    dp = data_axes(mesh)
-    n_dp = 1
-    for a in dp:
-        n_dp *= mesh.shape[a]
+    n_dp = shd.data_parallel_ways(mesh)
     micro = cfg.micro_batch_size
     if micro % n_dp:
         raise ValueError(
@@ -263,8 +246,8 @@ def _make_update(
     sched = lr_schedule(
         cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.total_steps, cfg.min_lr_ratio
     )
-    batch_sh = NamedSharding(mesh, P(dp or None))
-    micro_sh = NamedSharding(mesh, P(None, dp or None))
+    batch_sh = shd.batch_sharding(mesh)
+    micro_sh = NamedSharding(mesh, P(None, *batch_sh.spec))  # [n_micro, micro, ...]
     rep = shd.replicated(mesh)
 
     def step_fn(state: TrainState, batch: dict, rng: jax.Array):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from agentgym_jax.config import load_config
+from agentgym_jax.context import build_context
 from agentgym_jax.metrics import read_jsonl
-from agentgym_jax.trainer import Trainer, train
+from agentgym_jax.trainer import Trainer, evaluate, rollout_settings, train
 from tests.helpers import ROOT
 
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
@@ -38,9 +39,9 @@ def cfg_for(model_dir, out, *extra):
 
 def params_of(run_dir, model_dir, step):
     cfg = cfg_for(model_dir, run_dir)
-    t = Trainer(cfg)
+    t = Trainer.from_config(cfg)
     try:
-        got = t.ckpt.restore(t._ckpt_state(), step)
+        got = t.ctx.checkpointer.restore(t._ckpt_tree(), step)
         return jax.tree.map(np.asarray, got[1])
     finally:
         t.close()
@@ -137,7 +138,7 @@ def test_corrupt_latest_checkpoint_falls_back(model_dir, tmp_path, caplog):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    t = Trainer(cfg_for(model_dir, out))
+    t = Trainer.from_config(cfg_for(model_dir, out))
     try:
         with caplog.at_level("ERROR"):
             step = t.maybe_resume()
@@ -157,24 +158,24 @@ def test_nan_loss_is_skipped_then_stops(model_dir, tmp_path, monkeypatch):
         "trainer.max_bad_steps=2",
         "trainer.test_freq=0",
     )
-    t = Trainer(cfg)
-    real = t.actor_update
+    t = Trainer.from_config(cfg)
+    real = t.ctx.learner.actor_update
 
     def poisoned(state, batch, rng):  # NaN advantages -> NaN loss and grads
         batch = dict(batch, advantages=batch["advantages"] * np.nan)
         return real(state, batch, rng)
 
-    t.actor_update = poisoned
-    before = jax.tree.map(np.asarray, t.actor.params)
+    t.ctx.learner.actor_update = poisoned
+    before = jax.tree.map(np.asarray, t.state.actor.params)
     try:
         with pytest.raises(FloatingPointError, match="max_bad_steps"):
             t.fit()
     finally:
         t.close()
-    after = jax.tree.map(np.asarray, t.actor.params)
+    after = jax.tree.map(np.asarray, t.state.actor.params)
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(x, y)  # the bad updates were skipped
-    assert t.step == 2
+    assert t.step_count == 2
 
 
 def test_sigterm_saves_and_resumes(model_dir, tmp_path):
@@ -211,3 +212,79 @@ def test_sigterm_saves_and_resumes(model_dir, tmp_path):
     assert summary["preempted"] and summary["step"] < 50
     steps = [int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()]
     assert steps == [summary["step"]]  # off the save_freq grid: saved because of the signal
+
+
+def test_step_returns_metrics_and_episodes_and_eval_builds_no_optimizer(model_dir, tmp_path):
+    t = Trainer.from_config(cfg_for(model_dir, str(tmp_path / "a")))
+    try:
+        metrics, episodes = t.step(1)
+    finally:
+        t.close()
+    assert len(episodes) == 8 and all(e.finished for e in episodes)  # 2 tasks x rollout.n 4
+    assert metrics["train/success_rate"] == sum(e.success for e in episodes) / 8
+    assert np.isfinite(metrics["actor/pg_loss"]) and "train/logprob_mismatch" in metrics
+    ctx = build_context(cfg_for(model_dir, str(tmp_path / "b")), "eval")
+    try:
+        assert ctx.learner is None and ctx.state is None and ctx.checkpointer is None
+        assert ctx.actor_params is not None and ctx.sampler is None
+        m, eps = evaluate(ctx, 0, ctx.val_ids[:2])
+        assert len(eps) == 2 and 0.0 <= m["eval/success_rate"] <= 1.0
+    finally:
+        ctx.close()
+
+
+def test_jitted_prepare_matches_host_reference_on_8_devices(model_dir, tmp_path):
+    """Old / reference log-probs and advantages from the one jitted preparation, sharded over 8
+    fake devices, equal a host computation (unsharded forward + compute_advantages)."""
+    from agentgym_jax.rl.advantages import compute_advantages
+    from agentgym_jax.rl.update import compute_logprobs
+    from agentgym_jax.rollout import to_batch
+
+    cfg = cfg_for(
+        model_dir,
+        str(tmp_path),
+        "mesh={data: 1, fsdp: 4, tensor: 2, devices: 8}",
+        "algorithm.use_kl_in_reward=true",
+        "algorithm.kl_ctrl.kl_coef=0.3",
+    )
+    t = Trainer.from_config(cfg)
+    try:
+        episodes = t.ctx.rollout.run(
+            next(t.ctx.sampler), rollout_settings(cfg, t.ctx.horizon, 1, eval_mode=False)
+        ).episodes
+        batch = to_batch(episodes, pad_multiple=128)
+        dev, metrics = t.ctx.learner.prepare(t.state, batch)
+        params = jax.device_get(t.state.actor.params)
+        host = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+        old, _ = compute_logprobs(t.state.actor.graphdef, params, host)
+    finally:
+        t.close()
+    np.testing.assert_allclose(np.asarray(dev["old_logprobs"]), np.asarray(old), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dev["ref_logprobs"]), np.asarray(old), atol=2e-5)
+    host["old_logprobs"], host["ref_logprobs"] = old, old
+    want = compute_advantages("grpo", host, cfg.algorithm, kl_coef=0.3)
+    np.testing.assert_allclose(np.asarray(dev["advantages"]), want["advantages"], atol=1e-4)
+    assert len(dev["advantages"].sharding.device_set) == 8
+    assert float(metrics["train/kl_in_reward"]) == pytest.approx(0.0, abs=1e-5)  # ref == actor
+
+
+def test_adaptive_kl_in_reward_moves_logs_and_resumes(model_dir, tmp_path):
+    out = str(tmp_path / "kl")
+    extra = (
+        "algorithm.use_kl_in_reward=true",
+        "algorithm.kl_ctrl={type: adaptive, kl_coef: 0.1, target_kl: 1.0, horizon: 10}",
+        "actor.lr=1e-3",
+        "trainer.test_freq=0",
+    )
+    train(cfg_for(model_dir, out, "trainer.total_training_steps=2", *extra))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert all("train/kl_in_reward" in r and "train/kl_coef" in r for r in rows)
+    # KL far below target: the controller lowers the coefficient, by at most 20% x 8/10 a step.
+    coefs = [r["train/kl_coef"] for r in rows]
+    assert coefs[0] < 0.1 and coefs[1] < coefs[0] and coefs[0] >= 0.1 * (1 - 0.2 * 8 / 10) - 1e-9
+    t = Trainer.from_config(cfg_for(model_dir, out, *extra))
+    try:
+        assert t.maybe_resume() == 2
+        assert t.state.kl_coef == pytest.approx(coefs[1])
+    finally:
+        t.close()

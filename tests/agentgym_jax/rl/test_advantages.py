@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agentgym_jax.rl import advantages as A
-from agentgym_jax.rl.config import AlgorithmConfig
+from agentgym_jax.rl.config import AlgorithmConfig, KLCtrlConfig
 from tests.helpers.rl_toy import make_batch, multiturn_masks
 
 ATOL = 1e-5
@@ -258,7 +258,7 @@ def test_registry_and_compute_advantages():
 
 def test_compute_advantages_kl_in_reward_changes_scores():
     batch = make_batch(9, b=8, t=16)
-    cfg = AlgorithmConfig(use_kl_in_reward=True, kl_coef=0.5, kl_penalty="kl")
+    cfg = AlgorithmConfig(use_kl_in_reward=True, kl_ctrl=KLCtrlConfig(kl_coef=0.5), kl_penalty="kl")
     out = A.compute_advantages("grpo", batch, cfg)
     kl = np_kl(batch["old_logprobs"], batch["ref_logprobs"], "kl") * batch["loss_mask"]
     eff = batch["scores"] - 0.5 * kl.sum(1)
@@ -277,3 +277,23 @@ def test_kl_controllers():
     assert c.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
     c.update(0.9, 10)  # error -0.1
     assert c.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 10 / 100))
+
+
+def test_kl_controller_from_config_and_coef_override():
+    c = A.make_kl_controller(KLCtrlConfig(type="adaptive", kl_coef=0.3, target_kl=2.0, horizon=50))
+    assert isinstance(c, A.AdaptiveKLController) and (c.value, c.target, c.horizon) == (
+        0.3,
+        2.0,
+        50,
+    )
+    assert A.make_kl_controller(KLCtrlConfig(kl_coef=0.05)).value == 0.05
+    batch = make_batch(9, b=8, t=16)
+    cfg = AlgorithmConfig(use_kl_in_reward=True, kl_ctrl=KLCtrlConfig(kl_coef=0.5))
+    # The controller's value, passed at call time, wins over the config's initial coefficient.
+    moved = A.compute_advantages("grpo", batch, cfg, kl_coef=0.25)
+    same = A.compute_advantages(
+        "grpo", batch, AlgorithmConfig(use_kl_in_reward=True, kl_ctrl=KLCtrlConfig(kl_coef=0.25))
+    )
+    np.testing.assert_allclose(moved["advantages"], same["advantages"], atol=1e-6)
+    with pytest.raises(ValueError, match="kl_ctrl.type"):
+        KLCtrlConfig(type="pid")

@@ -18,10 +18,9 @@ from agentgym_jax.rl.update import (
     compute_logprobs,
     compute_values,
     init_train_state,
-    make_actor_optimizer,
     make_actor_update,
-    make_critic_optimizer,
     make_critic_update,
+    make_optimizer,
 )
 from tests.helpers.rl_toy import make_batch, tiny_model
 
@@ -45,7 +44,7 @@ def max_diff(a, b):
 
 
 def run_actor(cfg, mesh, batch, seed=0, steps=1, rng=0):
-    state = init_train_state(tiny_model(seed), make_actor_optimizer(cfg), mesh)
+    state = init_train_state(tiny_model(seed), make_optimizer(cfg), mesh)
     upd = make_actor_update(cfg, mesh, state)
     metrics = []
     for i in range(steps):
@@ -163,7 +162,7 @@ def test_updates_raise_likelihood_of_positive_advantage_tokens():
         use_kl_loss=False,
         entropy_coeff=0.0,
     )
-    state = init_train_state(tiny_model(1), make_actor_optimizer(cfg), mesh)
+    state = init_train_state(tiny_model(1), make_optimizer(cfg), mesh)
     upd = make_actor_update(cfg, mesh, state)
     lp0, _ = compute_logprobs(state.graphdef, state.params, batch, micro_batch_size=4)
     sign = np.where(np.arange(8) % 2 == 0, 1.0, -1.0).astype(np.float32)[:, None]
@@ -184,7 +183,7 @@ def test_updates_raise_likelihood_of_positive_advantage_tokens():
 def test_compute_logprobs_matches_model_and_shift():
     batch = make_batch(4, b=4, t=12)
     model = tiny_model(2)
-    state = init_train_state(model, make_actor_optimizer(BASE), one_device_mesh())
+    state = init_train_state(model, make_optimizer(BASE), one_device_mesh())
     lp, ent = compute_logprobs(
         state.graphdef, state.params, batch, micro_batch_size=2, temperature=0.7
     )
@@ -205,7 +204,7 @@ def test_critic_update_micro_equals_full_and_learns():
     micro = dataclasses.replace(full, ppo_micro_batch_size=2)
     states, losses = [], []
     for cfg in (full, micro):
-        st = init_train_state(tiny_model(3, critic=True), make_critic_optimizer(cfg), mesh)
+        st = init_train_state(tiny_model(3, critic=True), make_optimizer(cfg), mesh)
         v0 = compute_values(st.graphdef, st.params, batch)
         assert np.all(np.asarray(v0)[:, 0] == 0)
         upd = make_critic_update(cfg, mesh, st)
@@ -225,7 +224,7 @@ def test_critic_update_micro_equals_full_and_learns():
 def test_update_validation_errors():
     mesh = eight_device_mesh()
     cfg = dataclasses.replace(BASE, ppo_micro_batch_size=2)
-    state = init_train_state(tiny_model(0), make_actor_optimizer(cfg), mesh)
+    state = init_train_state(tiny_model(0), make_optimizer(cfg), mesh)
     with pytest.raises(ValueError, match="ppo_micro_batch_size"):
         make_actor_update(cfg, mesh, state)  # 2 rows cannot split over 4 data-parallel ways
     upd = make_actor_update(dataclasses.replace(BASE, ppo_mini_batch_size=8), mesh, state)

@@ -1,0 +1,151 @@
+"""The learner step: one jitted preparation, then the jitted critic and actor updates.
+
+``Learner.step(state, batch, step)`` takes the host batch of one training step (``to_batch``),
+shards it over the mesh once, and runs:
+
+1. ``prepare`` (one jit): old-policy log-probs, reference log-probs, critic values, the
+   in-reward KL and the advantages, all on device. Nothing of shape [B, T] comes back to the host
+   between the forward passes and the updates.
+2. the critic update (GAE only) and the actor update (``rl.update``), each one jit that donates
+   the train state it replaces.
+
+The learner's state (``LearnerState``: actor, critic, frozen reference params, the in-reward KL
+coefficient) is an explicit value: the loop owns it, checkpoints it and passes it back in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from agentgym_jax import sharding as shd
+from agentgym_jax.config import TrainConfig
+from agentgym_jax.rl import update as U
+from agentgym_jax.rl.advantages import compute_advantages, make_kl_controller
+
+# Host batch keys that the learner reads (``rollout.to_batch`` makes them).
+BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "loss_mask",
+    "rollout_logprobs",
+    "rewards",
+    "scores",
+    "group_ids",
+)
+
+
+@dataclasses.dataclass
+class LearnerState:
+    actor: U.TrainState
+    critic: U.TrainState | None
+    ref_params: Any | None
+    """Frozen reference policy (KL loss / KL in reward); None without ``ref.enable``."""
+    kl_coef: float
+    """In-reward KL coefficient (the KL controller's state; fixed unless ``kl_ctrl.type`` is
+    adaptive)."""
+
+
+def _masked_mean(x, mask):
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+class Learner:
+    """Jitted functions of one config and mesh; all state goes in and out explicitly."""
+
+    def __init__(self, cfg: TrainConfig, mesh: Mesh, actor: U.TrainState, critic=None):
+        self.cfg, self.mesh = cfg, mesh
+        self.actor_update = U.make_actor_update(cfg.actor, mesh, actor)
+        self.critic_update = (
+            U.make_critic_update(cfg.critic, mesh, critic) if critic is not None else None
+        )
+        self._kl_ctrl = make_kl_controller(cfg.algorithm.kl_ctrl)
+        actor_sh = U.train_state_shardings(actor, mesh).params
+        critic_sh = U.train_state_shardings(critic, mesh).params if critic is not None else None
+        batch_sh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+        self._prepare = jax.jit(
+            functools.partial(
+                _prepare, cfg, actor.graphdef, critic.graphdef if critic is not None else None
+            ),
+            in_shardings=(actor_sh, actor_sh if cfg.ref.enable else None, critic_sh, batch_sh, rep),
+            out_shardings=(batch_sh, rep),
+        )
+
+    def init_state(self, actor: U.TrainState, critic: U.TrainState | None) -> LearnerState:
+        # The update donates (frees) the old params, so the reference needs its own copy.
+        ref = jax.tree.map(jnp.copy, actor.params) if self.cfg.ref.enable else None
+        return LearnerState(actor, critic, ref, self._kl_ctrl.value)
+
+    def prepare(self, state: LearnerState, batch: dict) -> tuple[dict, dict]:
+        """(device batch with old_logprobs / ref_logprobs / values / advantages / returns,
+        device metrics) for a host batch."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"learner: batch lacks {missing}")
+        dev = shd.shard_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh)
+        return self._prepare(
+            state.actor.params,
+            state.ref_params,
+            state.critic.params if state.critic is not None else None,
+            dev,
+            jnp.float32(state.kl_coef),
+        )
+
+    def step(self, state: LearnerState, batch: dict, step: int) -> tuple[LearnerState, dict]:
+        """One training step on a host batch -> (new state, host metrics).
+
+        On a non-finite gradient norm the update skips the optimizer step (params unchanged);
+        the donated old state is gone either way, so the returned state is the one to keep.
+        """
+        dev, metrics = self.prepare(state, batch)
+        rng = jax.random.fold_in(jax.random.key(self.cfg.trainer.seed), step)
+        critic = state.critic
+        if self.critic_update is not None:
+            critic, cm = self.critic_update(critic, dev, jax.random.fold_in(rng, 1))
+            metrics.update(cm)
+        actor, am = self.actor_update(state.actor, dev, rng)
+        metrics.update(am)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        kl_coef = state.kl_coef
+        if self.cfg.algorithm.use_kl_in_reward:
+            self._kl_ctrl.value = kl_coef
+            self._kl_ctrl.update(metrics["train/kl_in_reward"], n_steps=len(batch["input_ids"]))
+            kl_coef = self._kl_ctrl.value
+            metrics["train/kl_coef"] = kl_coef
+        return dataclasses.replace(state, actor=actor, critic=critic, kl_coef=kl_coef), metrics
+
+
+def _prepare(cfg: TrainConfig, actor_def, critic_def, actor_p, ref_p, critic_p, batch, kl_coef):
+    """Forward passes and advantages of one step, inside one jit (see the module doc)."""
+    micro, temp = cfg.actor.micro_batch_size, cfg.actor.temperature
+    out = dict(batch)
+    out["old_logprobs"], _ = U.compute_logprobs(actor_def, actor_p, batch, micro, temp)
+    if ref_p is not None:
+        out["ref_logprobs"], _ = U.compute_logprobs(actor_def, ref_p, batch, micro, temp)
+    if critic_def is not None:
+        out["values"] = U.compute_values(critic_def, critic_p, batch, cfg.critic.micro_batch_size)
+    adv = compute_advantages(cfg.algorithm.adv_estimator, out, cfg.algorithm, kl_coef=kl_coef)
+    out["advantages"], out["returns"] = adv["advantages"], adv["returns"]
+    mask = batch["loss_mask"]
+    # Sampler vs trainer log-probs of the same tokens: should be ~0 (a token-exact rollout).
+    metrics = {
+        "train/logprob_mismatch": _masked_mean(
+            jnp.abs(out["old_logprobs"] - batch["rollout_logprobs"]), mask
+        )
+    }
+    if "kl_in_reward" in adv:
+        has_tokens = jnp.any(mask > 0, axis=-1)
+        metrics["train/kl_in_reward"] = _masked_mean(adv["kl_in_reward"], has_tokens)
+    return out, metrics
+
+
+def host_metrics_finite(metrics: dict[str, float]) -> bool:
+    """Whether every loss and grad norm of a step is finite (a skipped step is not)."""
+    return all(np.isfinite(v) for k, v in metrics.items() if k.endswith(("loss", "grad_norm")))
