@@ -49,6 +49,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.n=4")
 
 
+def _add_passthrough(sub, name: str, help: str, fn) -> None:
+    """A subcommand whose arguments (``--help`` included) all go to another script's parser."""
+    p = sub.add_parser(name, help=help, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=fn)
+
+
 def _load(args, extra=()):
     from agentgym_jax.config import load_config
 
@@ -176,22 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser(
-        "serve-env", help="serve an env over the AgentGym HTTP protocol", add_help=False
+    _add_passthrough(
+        sub, "serve-env", "serve an env over the AgentGym HTTP protocol", cmd_serve_env
     )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_serve_env)
 
     p = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
     p.add_argument("run_dir")
     p.add_argument("--out")
     p.set_defaults(fn=cmd_plot)
 
-    p = sub.add_parser(
-        "pretrain-tiny", help="rebuild the embedded tiny tokenizer + base model", add_help=False
+    _add_passthrough(
+        sub, "pretrain-tiny", "rebuild the embedded tiny tokenizer + base model", cmd_pretrain_tiny
     )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_pretrain_tiny)
 
     p = sub.add_parser("envs", help="list registered environments")
     p.set_defaults(fn=cmd_envs)

@@ -40,6 +40,9 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataConfig:
+    """Task batches and token budgets. Tasks are the env's ``env.train_split`` /
+    ``env.test_split`` ids, in a seeded order reshuffled every epoch."""
+
     train_batch_size: int = 16
     """Tasks per training step; each is rolled out ``rollout.n`` times (GRPO groups)."""
     val_batch_size: int = 64

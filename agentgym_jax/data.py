@@ -93,12 +93,7 @@ class TaskSampler:
 
 
 def env_task_sampler(
-    env_name: str,
-    split: str,
-    batch_size: int,
-    seed: int = 0,
-    group_size: int = 1,
-    **env_kwargs: Any,
+    env_name: str, split: str, batch_size: int, seed: int = 0, group_size: int = 1, **env_kwargs
 ) -> TaskSampler:
     """A `TaskSampler` over `envs.task_ids(env_name, split, **env_kwargs)`."""
     import envs

@@ -26,30 +26,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import BENCH_QWEN2, make_bench_model_dir  # noqa: E402
+
 from agentgym_jax.engine import Engine, EngineConfig  # noqa: E402
 from agentgym_jax.models import from_pretrained  # noqa: E402
 
 BATCH, PROMPT, NEW = 16, 64, 128
 TURNS, OBS, ACT = 10, 200, 32
-CFG = dict(
-    vocab_size=8192,
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-)
-
-
-def make_model(path):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**CFG)).eval()
-    hf.save_pretrained(path)
-    return hf
 
 
 def timed(fn):
@@ -142,13 +125,14 @@ def matmul_flops():
 
 
 def decode_flops_per_token(ctx):
+    c = BENCH_QWEN2
     h, m, layers, v = (
-        CFG["hidden_size"],
-        CFG["intermediate_size"],
-        CFG["num_hidden_layers"],
-        CFG["vocab_size"],
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_hidden_layers"],
+        c["vocab_size"],
     )
-    kv = h // CFG["num_attention_heads"] * CFG["num_key_value_heads"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
     weights = layers * (2 * h * h + 2 * h * kv + 3 * h * m) + h * v
     attention = layers * 2 * 2 * ctx * h  # q.k and p.v over the live context
     return 2 * weights + attention
@@ -156,10 +140,10 @@ def decode_flops_per_token(ctx):
 
 def main():
     with tempfile.TemporaryDirectory() as d:
-        hf = make_model(d)
+        _, hf = make_bench_model_dir(d)
         model = from_pretrained(d)
         rng = np.random.default_rng(0)
-        prompts = rng.integers(1, CFG["vocab_size"], (BATCH, PROMPT)).tolist()
+        prompts = rng.integers(1, BENCH_QWEN2["vocab_size"], (BATCH, PROMPT)).tolist()
         hf_tps = bench_hf(hf, prompts)
         ours_tps, t_decode = bench_ours(model, prompts)
         t_append, compiles_append = episodes(model, True, np.random.default_rng(1))

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from common import BENCH_QWEN2  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from agentgym_jax import sharding as sh  # noqa: E402
@@ -34,19 +35,7 @@ from agentgym_jax.rl import (
     make_optimizer,
 )
 
-HF_CFG = dict(
-    model_type="qwen2",
-    vocab_size=8192,
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
+HF_CFG = dict(BENCH_QWEN2, model_type="qwen2", max_position_embeddings=2048, rms_norm_eps=1e-6)
 
 
 def make_batch(b, t, vocab, seed=0):

@@ -311,6 +311,16 @@ class BabyAIEnv(Env):
                     queue.append(nxt)
         return None
 
+    def _offer(self, acts, errs, action, pos, *, arrive, then=(), what=None) -> list[int] | None:
+        """Offer ``action``: the path to ``pos`` then ``then``, or an error naming ``what`` (default
+        the action) when no path leads there. Returns the path (None without one)."""
+        path = self._path(pos, arrive=arrive)
+        if path is None:
+            errs[action] = f"You cannot {what or action}, as there is no path leading to it."
+        else:
+            acts[action] = path + list(then)
+        return path
+
     def _build_actions(self, objs: list[dict], barriers: list[tuple], carrying: Any) -> None:
         acts: dict[str, list[int]] = {"turn left": [LEFT], "turn right": [RIGHT]}
         errs: dict[str, str] = {}
@@ -329,13 +339,9 @@ class BabyAIEnv(Env):
             for o in named:
                 if o["name"].split()[-1] in ("door", "goal"):
                     continue
-                path = self._path(o["pos"], arrive=False)
-                if path is None:
-                    errs[f"pick up {o['label']}"] = (
-                        f"You cannot pick up {o['label']}, as there is no path leading to it."
-                    )
-                else:
-                    acts[f"pick up {o['label']}"] = path + [PICKUP]
+                self._offer(
+                    acts, errs, f"pick up {o['label']}", o["pos"], arrive=False, then=[PICKUP]
+                )
         else:
             if any(o["pos"] == front_cell and o["name"].split()[-1] in BLOCKING for o in objs):
                 errs["drop"] = (
@@ -348,56 +354,31 @@ class BabyAIEnv(Env):
         for o in named:
             name, label = o["name"], o["label"]
             if name.endswith("open door"):
-                path = self._path(o["pos"], arrive=True)
-                if path is None:
-                    errs[f"go through {label}"] = (
-                        f"You cannot go through {label}, as there is no path leading to it."
-                    )
-                else:
-                    acts[f"go through {label}"] = path
+                self._offer(acts, errs, f"go through {label}", o["pos"], arrive=True)
             elif name.endswith("closed door") or name.endswith("locked door"):
+                action = f"toggle and go through {label}"
                 if name.endswith("locked door") and (carrying is None or carrying.type != "key"):
-                    errs[f"toggle and go through {label}"] = (
-                        f"You cannot toggle and go through {label}, as you are not carrying a key."
-                    )
+                    errs[action] = f"You cannot {action}, as you are not carrying a key."
                     continue
                 if name.endswith("locked door") and carrying.color != name.split()[0]:
-                    errs[f"toggle and go through {label}"] = (
-                        f"You cannot toggle and go through {label}, as the color of the key you are "
+                    errs[action] = (
+                        f"You cannot {action}, as the color of the key you are "
                         "carrying does not match the color of door."
                     )
                     continue
-                path = self._path(o["pos"], arrive=False)
-                if path is None:
-                    errs[f"toggle and go through {label}"] = (
-                        f"You cannot toggle and go through {label}, as there is no path leading to it."
-                    )
-                else:
-                    acts[f"toggle and go through {label}"] = path + [TOGGLE, FORWARD]
-                    if not path:
-                        acts["toggle"] = [TOGGLE]
+                then = [TOGGLE, FORWARD]
+                if self._offer(acts, errs, action, o["pos"], arrive=False, then=then) == []:
+                    acts["toggle"] = [TOGGLE]  # already facing the door
                 errs[f"go through {label}"] = (
                     f"You cannot go through {label}, as it is closed. You should toggle it first."
                 )
         for o in objs:
             if o["name"].endswith("goal"):
-                path = self._path(o["pos"], arrive=True)
-                if path is None:
-                    errs["go to goal"] = (
-                        "You cannot go to the goal, as there is no path leading to it."
-                    )
-                else:
-                    acts["go to goal"] = path
+                self._offer(acts, errs, "go to goal", o["pos"], arrive=True, what="go to the goal")
         for o in named:
             if o["name"].endswith("goal"):
                 continue
-            path = self._path(o["pos"], arrive=False)
-            if path is None:
-                errs[f"go to {o['label']}"] = (
-                    f"You cannot go to {o['label']}, as there is no path leading to it."
-                )
-            else:
-                acts[f"go to {o['label']}"] = path
+            self._offer(acts, errs, f"go to {o['label']}", o["pos"], arrive=False)
         acts["check available actions"] = []
         self.actions, self.errors = acts, errs
 

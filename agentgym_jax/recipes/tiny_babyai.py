@@ -241,7 +241,7 @@ def tiny_config(
     layers: int = 4,
     heads: int = 4,
     kv_heads: int = 2,
-    mlp_mult: int = 4,
+    mlp_mult: int = 4,  # intermediate_size = mlp_mult * hidden
     max_len: int = 4096,
     eos=(2, 0),
     pad: int = 0,
@@ -337,6 +337,9 @@ def train_lm(
     return [float(x) for x in losses]
 
 
+_NOT_SETTINGS = ("out_dir", "levels", "baseline_horizon", "baseline_repeats")
+
+
 def pretrain_tiny(
     out_dir: str | os.PathLike,
     *,
@@ -362,6 +365,9 @@ def pretrain_tiny(
     Returns ``out_dir``: an HF directory (config.json, model.safetensors, tokenizer files) plus
     ``pretrain_info.json`` with the settings, losses and the random-policy baseline.
     """
+    # Recorded in pretrain_info.json: the arguments but out_dir, levels (kept apart) and the
+    # baseline's, in signature order.
+    settings = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS}
     import jax
     from flax import nnx
 
@@ -429,21 +435,7 @@ def pretrain_tiny(
     )
     info = {
         "levels": list(levels),
-        "settings": dict(
-            episodes=episodes,
-            steps=steps,
-            seed=seed,
-            max_turns=max_turns,
-            vocab_size=vocab_size,
-            hidden=hidden,
-            layers=layers,
-            heads=heads,
-            kv_heads=kv_heads,
-            batch=batch,
-            seq_len=seq_len,
-            lr=lr,
-            obs_weight=obs_weight,
-        ),
+        "settings": settings,
         "reply_format": reply_text("<goal>", "<action>"),
         "loss": "next-token CE on all tokens after the fixed system+instruction+ack preamble "
         f"(assistant weight 1, observation weight {obs_weight})",

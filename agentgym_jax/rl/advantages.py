@@ -85,8 +85,8 @@ def gae(
     rewards: Array,
     values: Array,
     mask: Array,
-    gamma: float = 1.0,
-    lam: float = 1.0,
+    gamma: float = 1.0,  # discount
+    lam: float = 1.0,  # 1: discounted returns minus values; 0: one-step TD errors
     whiten: bool = True,
 ) -> tuple[Array, Array]:
     """Generalised advantage estimation over model tokens -> (advantages, returns), both [B, T].

@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import numpy as np
 
+# The llama3 rope scaling of Llama 3.1, with a small original context so it matters at test lengths.
+LLAMA3_SCALING = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
+
+
+def tiny_config_dict(
+    *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int | None = None, **extra
+):
+    """HF config keys (also ``ModelConfig`` fields) of a tiny model with a 2 x hidden MLP.
+
+    ``kv_heads=None`` leaves ``num_key_value_heads`` out (the model's default: ``heads``).
+    """
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
+    if kv_heads is not None:
+        cfg["num_key_value_heads"] = kv_heads
+    return dict(cfg, **extra)
+
+
 TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    tiny_config_dict(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2),
     max_position_embeddings=512,
     rms_norm_eps=1e-6,
 )
@@ -28,17 +52,7 @@ def make_hf_model(kind: str, path: str, *, tie: bool = False, seed: int = 0, **o
     elif kind == "qwen3":
         cfg = transformers.Qwen3Config(head_dim=32, rope_theta=1000000.0, **kw)
     elif kind == "llama":
-        cfg = transformers.LlamaConfig(
-            rope_theta=500000.0,
-            rope_scaling=dict(
-                rope_type="llama3",
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=64,
-            ),
-            **kw,
-        )
+        cfg = transformers.LlamaConfig(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING), **kw)
     else:
         raise ValueError(kind)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()

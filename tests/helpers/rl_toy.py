@@ -6,16 +6,11 @@ import numpy as np
 from flax import nnx
 
 from agentgym_jax.models import Critic, ModelConfig, Transformer
+from tests.helpers.hf import tiny_config_dict
 
 TINY = ModelConfig(
+    **tiny_config_dict(vocab=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8),
     model_type="qwen2",
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
     attention_bias=True,
 )
 

@@ -14,7 +14,7 @@ from agentgym_jax.models import (
     positions_from_mask,
     save_pretrained,
 )
-from tests.helpers.hf import left_padded_batch, make_hf_model
+from tests.helpers.hf import LLAMA3_SCALING, left_padded_batch, make_hf_model, tiny_config_dict
 
 KINDS = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("llama", False)]
 
@@ -125,21 +125,8 @@ def test_sharded_index_checkpoint(tmp_path):
 
 def test_rope_parameters_config_form(tmp_path):
     """transformers>=5 writes rope_parameters; published checkpoints rope_theta/rope_scaling."""
-    base = dict(
-        model_type="llama",
-        vocab_size=10,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
-    scaling = dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=64,
-    )
+    base = tiny_config_dict(vocab=10, hidden=8, layers=1, heads=2, model_type="llama")
+    scaling = LLAMA3_SCALING
     a = ModelConfig.from_hf_dict(dict(base, rope_theta=5e5, rope_scaling=scaling))
     b = ModelConfig.from_hf_dict(dict(base, rope_parameters=dict(scaling, rope_theta=5e5)))
     assert a.rope_theta == b.rope_theta == 5e5

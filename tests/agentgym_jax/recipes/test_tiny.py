@@ -192,23 +192,17 @@ def test_pretrain_tiny_miniature(tmp_path):
 
     from agentgym_jax.models import from_pretrained
 
+    arch = dict(vocab_size=600, hidden=32, layers=1, heads=2, kv_heads=1)
+    schedule = dict(steps=12, seed=0, batch=2, seq_len=640, lr=1e-2)
     out = tiny.pretrain_tiny(
         tmp_path / "m",
         levels=["GoToRedBallNoDists"],
         episodes=6,
-        steps=12,
-        seed=0,
         max_turns=2,
-        vocab_size=600,
-        hidden=32,
-        layers=1,
-        heads=2,
-        kv_heads=1,
-        batch=2,
-        seq_len=640,
-        lr=1e-2,
         baseline_horizon=2,
         baseline_repeats=1,
+        **arch,
+        **schedule,
     )
     with open(os.path.join(out, "pretrain_info.json")) as f:
         info = json.load(f)

@@ -157,13 +157,13 @@ def test_policy_loss_metrics_match_loops():
             continue
         r = float(np.exp(np.float64(logp[i, j]) - old[i, j]))
         l1, l2 = -adv[i, j] * r, -adv[i, j] * min(max(r, 0.8), 1.3)
-        loss = max(l1, l2)
+        per_tok = max(l1, l2)
         if adv[i, j] < 0:
-            lower.append(float(loss > -adv[i, j] * 3.0))
-            loss = min(loss, -adv[i, j] * 3.0)
+            lower.append(float(per_tok > -adv[i, j] * 3.0))
+            per_tok = min(per_tok, -adv[i, j] * 3.0)
         else:
             lower.append(0.0)
-        per.append(loss)
+        per.append(per_tok)
         clipped.append(float(l2 > l1))
         kls.append(old[i, j] - logp[i, j])
     assert float(loss) == pytest.approx(np.mean(per), rel=1e-4)

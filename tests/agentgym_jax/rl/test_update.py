@@ -13,15 +13,8 @@ from flax import nnx
 
 from agentgym_jax import sharding as sh
 from agentgym_jax.rl import losses as L
+from agentgym_jax.rl import update as U
 from agentgym_jax.rl.config import ActorConfig, AlgorithmConfig, CriticConfig
-from agentgym_jax.rl.update import (
-    compute_logprobs,
-    compute_values,
-    init_train_state,
-    make_actor_update,
-    make_critic_update,
-    make_optimizer,
-)
 from tests.helpers.rl_toy import make_batch, tiny_model
 
 
@@ -44,8 +37,8 @@ def max_diff(a, b):
 
 
 def run_actor(cfg, mesh, batch, seed=0, steps=1, rng=0):
-    state = init_train_state(tiny_model(seed), make_optimizer(cfg), mesh)
-    upd = make_actor_update(cfg, mesh, state)
+    state = U.init_train_state(tiny_model(seed), U.make_optimizer(cfg), mesh)
+    upd = U.make_actor_update(cfg, mesh, state)
     metrics = []
     for i in range(steps):
         state, m = upd(state, batch, jax.random.key(rng + i))
@@ -69,13 +62,13 @@ def cached_run(cfg, n_devices, batch_seed):
 # normalised up to a full lr-sized step (that would test Adam, not our accumulation).
 BASE = ActorConfig(
     lr=1e-2,
+    weight_decay=0.1,
+    eps=1e-4,
     ppo_mini_batch_size=4,
     ppo_epochs=2,
     entropy_coeff=0.01,
     kl_loss_coef=0.1,
     clip_ratio_high=0.28,
-    weight_decay=0.1,
-    eps=1e-4,
 )
 
 
@@ -162,9 +155,9 @@ def test_updates_raise_likelihood_of_positive_advantage_tokens():
         use_kl_loss=False,
         entropy_coeff=0.0,
     )
-    state = init_train_state(tiny_model(1), make_optimizer(cfg), mesh)
-    upd = make_actor_update(cfg, mesh, state)
-    lp0, _ = compute_logprobs(state.graphdef, state.params, batch, micro_batch_size=4)
+    state = U.init_train_state(tiny_model(1), U.make_optimizer(cfg), mesh)
+    upd = U.make_actor_update(cfg, mesh, state)
+    lp0, _ = U.compute_logprobs(state.graphdef, state.params, batch, micro_batch_size=4)
     sign = np.where(np.arange(8) % 2 == 0, 1.0, -1.0).astype(np.float32)[:, None]
     mask = batch["loss_mask"].astype(np.float32)
     batch = dict(batch, old_logprobs=np.asarray(lp0) * mask, advantages=sign * mask)
@@ -172,7 +165,7 @@ def test_updates_raise_likelihood_of_positive_advantage_tokens():
     for i in range(4):
         state, m = upd(state, batch, jax.random.key(i))
         lrs.append(float(m["actor/lr"]))
-    lp1, _ = compute_logprobs(state.graphdef, state.params, batch)
+    lp1, _ = U.compute_logprobs(state.graphdef, state.params, batch)
     delta = (np.asarray(lp1) - np.asarray(lp0)) * mask
     pos, neg = delta[sign[:, 0] > 0].sum(), delta[sign[:, 0] < 0].sum()
     assert pos > 0.1 and neg < -0.1
@@ -183,8 +176,8 @@ def test_updates_raise_likelihood_of_positive_advantage_tokens():
 def test_compute_logprobs_matches_model_and_shift():
     batch = make_batch(4, b=4, t=12)
     model = tiny_model(2)
-    state = init_train_state(model, make_optimizer(BASE), one_device_mesh())
-    lp, ent = compute_logprobs(
+    state = U.init_train_state(model, U.make_optimizer(BASE), one_device_mesh())
+    lp, ent = U.compute_logprobs(
         state.graphdef, state.params, batch, micro_batch_size=2, temperature=0.7
     )
     logits = np.asarray(tiny_model(2)(batch["input_ids"], batch["attention_mask"])) / 0.7
@@ -204,10 +197,10 @@ def test_critic_update_micro_equals_full_and_learns():
     micro = dataclasses.replace(full, ppo_micro_batch_size=2)
     states, losses = [], []
     for cfg in (full, micro):
-        st = init_train_state(tiny_model(3, critic=True), make_optimizer(cfg), mesh)
-        v0 = compute_values(st.graphdef, st.params, batch)
+        st = U.init_train_state(tiny_model(3, critic=True), U.make_optimizer(cfg), mesh)
+        v0 = U.compute_values(st.graphdef, st.params, batch)
         assert np.all(np.asarray(v0)[:, 0] == 0)
-        upd = make_critic_update(cfg, mesh, st)
+        upd = U.make_critic_update(cfg, mesh, st)
         b = dict(batch, values=np.asarray(v0))
         hist = []
         for i in range(4):
@@ -224,10 +217,10 @@ def test_critic_update_micro_equals_full_and_learns():
 def test_update_validation_errors():
     mesh = eight_device_mesh()
     cfg = dataclasses.replace(BASE, ppo_micro_batch_size=2)
-    state = init_train_state(tiny_model(0), make_optimizer(cfg), mesh)
+    state = U.init_train_state(tiny_model(0), U.make_optimizer(cfg), mesh)
     with pytest.raises(ValueError, match="ppo_micro_batch_size"):
-        make_actor_update(cfg, mesh, state)  # 2 rows cannot split over 4 data-parallel ways
-    upd = make_actor_update(dataclasses.replace(BASE, ppo_mini_batch_size=8), mesh, state)
+        U.make_actor_update(cfg, mesh, state)  # 2 rows cannot split over 4 data-parallel ways
+    upd = U.make_actor_update(dataclasses.replace(BASE, ppo_mini_batch_size=8), mesh, state)
     batch = make_batch(0, b=12, t=8)
     with pytest.raises(ValueError, match="ppo_mini_batch_size"):
         upd(state, batch, jax.random.key(0))
