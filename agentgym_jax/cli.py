@@ -229,6 +229,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"agentgym-jax: config error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, RuntimeError) as e:
+        from agentgym_jax.trainer import AllEnvsFailedError
+
+        if not isinstance(e, (FloatingPointError, AllEnvsFailedError)):
+            raise
+        # Run-level stops with their own explanation: one line, no traceback, exit 1.
+        print(f"agentgym-jax: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
