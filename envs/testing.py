@@ -2,8 +2,11 @@
 
 Register with `envs.register("fault", "envs.testing:FaultEnv")`. Actions (after "Action:"):
   `win` -> reward 1, done;  `echo words` -> observation "echo: words";
+  `add N` -> adds N to a running total, observation "total T" (state a replay must rebuild);
+  `pid` -> observation "pid P" (differs per process: a replay elsewhere diverges);
   `sleep N` -> sleeps N seconds (hung step);  `raise` -> raises RuntimeError (env bug);
-  `exit` -> the process dies at once (os._exit, like a segfault or an OOM kill).
+  `exit` -> the process dies at once (os._exit, like a segfault);
+  `badreward nan|inf|text` -> a NaN, infinite or string reward;  `baddone` -> done "yes".
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 from envs.base import Env, StepResult, check_split, format_instruction
 
+BAD_REWARDS = {"nan": float("nan"), "inf": float("inf"), "text": "1.0"}
+
 
 class FaultEnv(Env):
     name = "fault"
@@ -22,7 +27,6 @@ class FaultEnv(Env):
     def __init__(self, greeting: str = "Task") -> None:
         super().__init__()
         self.greeting = greeting
-        self.pid = os.getpid()
 
     @classmethod
     def task_ids(cls, split: str = "train", **_: Any) -> list[int]:
@@ -30,12 +34,13 @@ class FaultEnv(Env):
 
     def instruction(self) -> str:
         return format_instruction(
-            "A test env.", ["win", "echo <text>", "sleep <seconds>", "raise", "exit"]
+            "A test env.",
+            ["win", "echo <text>", "add <n>", "pid", "sleep <seconds>", "raise", "exit"],
         )
 
     def _reset(self, task_id: int) -> str:
-        self.turns = 0
-        return f"{self.greeting} {task_id} (pid {self.pid})"
+        self.turns, self.total = 0, task_id
+        return f"{self.greeting} {task_id}"
 
     def _step(self, action: str) -> StepResult:
         self.turns += 1
@@ -51,4 +56,13 @@ class FaultEnv(Env):
             os._exit(17)
         if action.startswith("echo"):
             return StepResult(f"echo: {action[5:]}", 0.0, False, {"turns": self.turns})
+        if action.startswith("add ") and action[4:].isdigit():
+            self.total += int(action[4:])
+            return StepResult(f"total {self.total}", 0.0, False, {"turns": self.turns})
+        if action == "pid":
+            return StepResult(f"pid {os.getpid()}", 0.0, False, {})
+        if action.startswith("badreward "):
+            return StepResult("bad reward", BAD_REWARDS.get(action[10:], None), False, {})
+        if action == "baddone":
+            return StepResult("bad done", 0.0, "yes", {})
         return StepResult("Invalid action.", 0.0, False, {})

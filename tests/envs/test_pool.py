@@ -1,4 +1,6 @@
-"""Env pool: concurrency, fault injection (kill -9, hang, raise), in-process backend."""
+"""Env pool: concurrency, fault injection (kill -9, hang, raise), in-process backend.
+
+Bystander replay and reward validation at scale: test_pool_faults.py."""
 
 import os
 import signal
@@ -23,6 +25,14 @@ def pool():
         yield p
 
 
+@pytest.fixture(autouse=True)
+def close_episodes(pool):
+    # Episodes left open would be replayed after every later restart, slowing later tests.
+    yield
+    for ep in list(pool._home):
+        pool.close_episode(ep)
+
+
 def collect(pool, n, timeout=30.0, kind=None):
     out, end = {}, time.monotonic() + timeout
     while len(out) < n and time.monotonic() < end:
@@ -36,7 +46,7 @@ def collect(pool, n, timeout=30.0, kind=None):
 
 def test_reset_result_carries_prompt(pool):
     res = pool.reset("p0", "fault", 3, {"greeting": "Hello"})
-    assert res.observation.startswith("Hello 3 (pid ")
+    assert res.observation == "Hello 3"
     assert not res.done and res.reward == 0.0
     msgs = envs.initial_messages(res.info, res.observation)
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
@@ -114,26 +124,27 @@ def test_failed_requests_keep_their_kind(pool):
     assert pool.reset("q0", "fault", 2).observation.startswith("Task 2")
 
 
-def test_kill_9_mid_episode(pool):
+def test_kill_9_mid_episode_loses_no_episode(pool):
     eps = [f"k{i}" for i in range(4)]
     for i, ep in enumerate(eps):
         pool.submit_reset(ep, "fault", i)
     collect(pool, 4)
+    assert pool.step_many({ep: act("add 5") for ep in eps})["k1"].observation == "total 6"
     victim = pool.worker_of("k0")
     victim_eps = [ep for ep in eps if pool.worker_of(ep) == victim]
-    other_eps = [ep for ep in eps if pool.worker_of(ep) != victim]
-    assert other_eps
+    replayed, restarts = pool.replayed, pool.restarts
     os.kill(pool.worker_pids()[victim], signal.SIGKILL)
-    pool.submit_step("k0", act("echo hi"))
-    for ep in other_eps:
-        pool.submit_step(ep, act("echo hi"))
-    res = collect(pool, 1 + len(other_eps))
-    assert res["k0"].done and "crashed" in res["k0"].info["error"]
-    assert all(res[ep].observation == "echo: hi" for ep in other_eps)
-    # Episodes that were idle on the dead worker are answered with the failure on next submit.
-    for ep in victim_eps[1:]:
-        assert "crashed" in pool.step(ep, act("echo hi")).info["error"]
-    assert pool.reset("k0", "fault", 9).observation.startswith("Task 9")
+    for ep in eps:
+        pool.submit_step(ep, act("add 1"))
+    res = collect(pool, 4)
+    # Every episode, idle on the dead worker or not, goes on with its state rebuilt.
+    assert {ep: r.observation for ep, r in res.items()} == {
+        ep: f"total {i + 6}" for i, ep in enumerate(eps)
+    }
+    assert not any(r.done or r.info.get("error") for r in res.values())
+    assert pool.restarts == restarts + 1
+    assert pool.replayed == replayed + len(victim_eps)
+    assert pool.step("k0", act("win")).reward == 1.0
 
 
 def test_worker_exit_during_step(pool):
@@ -146,7 +157,7 @@ def test_worker_exit_during_step(pool):
 def test_in_process_backend_matches():
     with EnvPool(num_workers=0) as p:
         res = p.reset("a", "fault", 4)
-        assert res.observation == f"Task 4 (pid {os.getpid()})"
+        assert res.observation == "Task 4"
         p.submit_step("a", act("raise"))
         [r] = p.poll()
         assert (r.kind, r.episode_id) == (Kind.STEP, "a")
