@@ -66,27 +66,27 @@ def test_client_against_our_server_reaches_reward(babyai_server):
     env.close()
 
 
-def test_server_errors_are_200_json(babyai_server):
+def test_server_errors_follow_babyai_protocol(babyai_server):
     c = httpx.Client(base_url=babyai_server.url)
-    assert "error" in c.post("/step", content=b"{not json").json()
-    assert "not valid" in c.post("/step", json={"id": 999, "action": "x"}).json()["error"]
+    bad = c.post("/step", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 422 and "error" in bad.json()
+    assert c.post("/step", json={"id": 999, "action": "x"}).json() == {
+        "error": "The id 999 is not valid."
+    }
     assert "not valid" in c.post("/reset", json={"id": 999, "data_idx": 0}).json()["error"]
     assert "JSON object" in c.post("/create", json=[1, 2]).json()["error"]
     ids = [c.post("/create").json() for _ in range(4)]
     assert sum("error" in r for r in ids) >= 1 and "max_envs=3" in str(ids)
     for r in ids:
         if "id" in r:
-            assert c.post("/close", json={"id": r["id"]}).json()["closed"]
+            assert c.post("/close", json={"id": r["id"]}).json() is True
     r = c.post("/create").json()
-    assert (
-        "non-integer data_idx"
-        in c.post("/reset", json={"id": r["id"], "data_idx": "x"}).json()["error"]
-    )
-    assert (
-        "not been reset"
-        in c.post("/step", json={"id": r["id"], "action": "turn left"}).json()["error"]
-    )
-    c.post("/close", json={"id": r["id"]})
+    bad = c.post("/reset", json={"id": r["id"], "data_idx": "x"})
+    assert bad.status_code == 422 and "non-integer 'data_idx'" in bad.json()["error"]
+    step = c.post("/step", json={"id": r["id"], "action": "turn left"})
+    assert step.status_code == 200 and "not been reset" in step.json()["error"]
+    assert c.post("/close", json={"id": r["id"]}).json() is True
+    assert c.post("/close", json={"id": r["id"]}).json() is False
 
 
 def _agentgym_babyai_standin():
@@ -125,17 +125,24 @@ def _agentgym_babyai_standin():
     return app
 
 
-def _agentgym_searchqa_standin():
-    app = FastAPI()
+def _agentgym_searchqa_standin(prefix):
+    """SearchQA's shapes: bare int id, string reset reply, the prompt from GET /observation."""
+    app, state = FastAPI(), {}
 
     @app.post("/create")
     def create(body: dict):
-        return 5  # SearchQA's server returns a bare id
+        return 5
 
     @app.post("/reset")
     def reset(body: dict):
         assert body["env_idx"] == 5
-        return {"observation": f"Question: q{body['id']}?"}
+        state["q"] = f"Question: q{body['id']}?"
+        return "reset done"
+
+    @app.get("/observation")
+    def observation(env_idx: int):
+        assert env_idx == 5
+        return prefix + state["q"]
 
     @app.post("/step")
     def step(body: dict):
@@ -144,6 +151,7 @@ def _agentgym_searchqa_standin():
             "observation": "",
             "reward": 1.0 if "<answer>" in body["action"] else 0.0,
             "done": True,
+            "info": None,
         }
 
     return app
@@ -163,10 +171,17 @@ def test_client_against_agentgym_babyai_shapes():
         env.close()  # upstream has no /close: must not raise
 
 
-def test_client_against_agentgym_searchqa_shapes():
-    with Server(_agentgym_searchqa_standin()) as s:
+@pytest.mark.parametrize("ours", [True, False])
+def test_client_against_agentgym_searchqa_shapes(ours):
+    from envs.searchqa import INSTRUCTION
+
+    # Our own instruction is already the first message, so it is cut from the prompt; a foreign
+    # server's instruction stays, as AgentGym's client would show it.
+    prefix = INSTRUCTION + "\n\n" if ours else "Answer well.\n"
+    with Server(_agentgym_searchqa_standin(prefix)) as s:
         env = HttpEnv(s.url, "searchqa", retries=0)
-        assert env.env_id == 5 and env.reset(11) == "Question: q11?"
+        want = "Question: q11?" if ours else "Answer well.\nQuestion: q11?"
+        assert env.env_id == 5 and env.reset(11) == want
         res = env.step("<think>x</think><answer>Paris</answer>")
         assert res.done and res.reward == 1.0
 
