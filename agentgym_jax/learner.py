@@ -38,6 +38,7 @@ BATCH_KEYS = (
     "rewards",
     "scores",
     "group_ids",
+    "valid",
 )
 
 

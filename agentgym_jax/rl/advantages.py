@@ -15,6 +15,11 @@ prompt) has no action to credit and is ignored.
 Outcome estimators (GRPO, RLOO, REINFORCE++-baseline) take one score per sequence ([B]) and a
 group id per sequence ([B], equal ids = samples of the same task); groups are formed with a
 [B, B] equality matrix, so any integer ids work inside jit.
+
+Env failures: ``valid`` ([B], 1 = usable, 0 = the env crashed / hung / broke protocol; default all
+ones) leaves an episode out of everything: its group's mean, std and leave-one-out baseline, and
+the batch whitening of the REINFORCE++ variants. Its advantage is 0. A failed episode's score says
+nothing about the policy, so counting it as a sibling would bias the others' advantages.
 """
 
 from __future__ import annotations
@@ -107,28 +112,39 @@ def discounted_returns(rewards: Array, mask: Array, gamma: float = 1.0) -> Array
     return ret
 
 
-def reinforce_pp(rewards: Array, mask: Array, gamma: float = 1.0) -> tuple[Array, Array]:
-    """REINFORCE++: discounted returns over model tokens, whitened over the batch's valid tokens.
+def _row_mask(mask: Array, valid: Array | None) -> Array:
+    """Token mask with the rows of invalid episodes zeroed."""
+    m = mask.astype(jnp.float32)
+    return m if valid is None else m * valid.astype(jnp.float32)[:, None]
 
-    Returns (advantages, returns) like the other estimators.
+
+def reinforce_pp(
+    rewards: Array, mask: Array, gamma: float = 1.0, valid: Array | None = None
+) -> tuple[Array, Array]:
+    """REINFORCE++: discounted returns over model tokens, whitened over the batch's valid tokens
+    (tokens of ``valid`` rows only). Returns (advantages, returns) like the other estimators.
     """
-    ret = discounted_returns(rewards, mask, gamma)
-    return masked_whiten(ret, mask), ret
+    m = _row_mask(mask, valid)
+    ret = discounted_returns(rewards, m, gamma)
+    return masked_whiten(ret, m), ret
 
 
 # --------------------------------------------------------------------------------------------
 # outcome (group) estimators
 
 
-def _groups(group_ids: Array) -> tuple[Array, Array]:
-    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
-    return same, jnp.sum(same, axis=1)
+def _valid(scores: Array, valid: Array | None) -> Array:
+    if valid is None:
+        return jnp.ones(scores.shape, jnp.float32)
+    return valid.astype(jnp.float32)
 
 
-def _group_mean_std(scores: Array, group_ids: Array):
+def _group_mean_std(scores: Array, group_ids: Array, valid: Array):
+    """Per row: its group's valid-member count n, mean and unbiased std (invalid members out)."""
     s = scores.astype(jnp.float32)
-    same, n = _groups(group_ids)
-    mean = same @ s / n
+    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32) * valid[None, :]
+    n = jnp.sum(same, axis=1)
+    mean = same @ s / jnp.maximum(n, 1.0)
     # Unbiased (n - 1) std, as torch.std in veRL's compute_grpo_outcome_advantage.
     dev = s[None, :] - mean[:, None]
     var = jnp.sum(same * jnp.square(dev), axis=1) / jnp.maximum(n - 1.0, 1.0)
@@ -140,40 +156,57 @@ def _broadcast(seq_adv: Array, mask: Array) -> Array:
 
 
 def grpo(
-    scores: Array, group_ids: Array, mask: Array, norm_by_std: bool = True, eps: float = 1e-6
+    scores: Array,
+    group_ids: Array,
+    mask: Array,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+    valid: Array | None = None,
 ) -> tuple[Array, Array]:
     """GRPO: (s - group mean) / (group std + eps), std unbiased (torch.std, as veRL).
 
-    ``norm_by_std=False`` is Dr.GRPO (mean-centred only). A group of size 1 gets advantage 0
-    (veRL instead uses mean 0 / std 1, i.e. the raw score; a lone sample carries no relative
-    signal). Returns (advantages, returns) with returns = advantages, as veRL.
+    ``norm_by_std=False`` is Dr.GRPO (mean-centred only). A group with fewer than two valid
+    members gets advantage 0 (veRL instead uses mean 0 / std 1 for a group of size 1, i.e. the raw
+    score; a lone sample carries no relative signal), and so does an invalid row. Returns
+    (advantages, returns) with returns = advantages, as veRL.
     """
-    s, n, mean, std = _group_mean_std(scores, group_ids)
+    v = _valid(scores, valid)
+    s, n, mean, std = _group_mean_std(scores, group_ids, v)
     a = s - mean
     if norm_by_std:
         a = a / (std + eps)
-    a = jnp.where(n > 1, a, 0.0)
+    a = jnp.where((n > 1) & (v > 0), a, 0.0)
     adv = _broadcast(a, mask)
     return adv, adv
 
 
-def rloo(scores: Array, group_ids: Array, mask: Array) -> tuple[Array, Array]:
-    """RLOO: s_i minus the mean of the other samples of its group; 0 for groups of size 1."""
-    s, n, mean, _ = _group_mean_std(scores, group_ids)
-    a = (s - mean) * n / jnp.maximum(n - 1.0, 1.0)  # = s_i - mean_{j != i} s_j
-    a = jnp.where(n > 1, a, 0.0)
+def rloo(
+    scores: Array, group_ids: Array, mask: Array, valid: Array | None = None
+) -> tuple[Array, Array]:
+    """RLOO: s_i minus the mean of the other valid samples of its group; 0 for groups with fewer
+    than two valid members and for invalid rows."""
+    v = _valid(scores, valid)
+    s, n, mean, _ = _group_mean_std(scores, group_ids, v)
+    a = (s - mean) * n / jnp.maximum(n - 1.0, 1.0)  # = s_i - mean_{j != i} s_j (i valid)
+    a = jnp.where((n > 1) & (v > 0), a, 0.0)
     adv = _broadcast(a, mask)
     return adv, adv
 
 
-def reinforce_pp_baseline(scores: Array, group_ids: Array, mask: Array) -> tuple[Array, Array]:
+def reinforce_pp_baseline(
+    scores: Array, group_ids: Array, mask: Array, valid: Array | None = None
+) -> tuple[Array, Array]:
     """REINFORCE++-baseline: subtract the group mean, then whiten over the batch's valid tokens.
 
-    A group of size 1 keeps its raw score before whitening (baseline 0), as veRL.
+    A group with one valid member keeps its raw score before whitening (baseline 0), as veRL does
+    for a group of size 1; the batch whitening still centres it. Invalid rows are left out of the
+    whitening and get 0.
     """
-    s, n, mean, _ = _group_mean_std(scores, group_ids)
+    v = _valid(scores, valid)
+    s, n, mean, _ = _group_mean_std(scores, group_ids, v)
     a = jnp.where(n > 1, s - mean, s)
-    adv = masked_whiten(_broadcast(a, mask), mask)
+    m = _row_mask(mask, v)
+    adv = masked_whiten(_broadcast(a, m), m)
     return adv, adv
 
 
@@ -268,7 +301,7 @@ def _adv_gae(batch, cfg):
     return gae(
         batch["rewards"],
         batch["values"],
-        batch["loss_mask"],
+        _row_mask(batch["loss_mask"], batch.get("valid")),
         _cfg(cfg, "gamma", 1.0),
         _cfg(cfg, "lam", 1.0),
     )
@@ -280,26 +313,37 @@ def _adv_grpo(batch, cfg):
         batch["group_ids"],
         batch["loss_mask"],
         norm_by_std=_cfg(cfg, "norm_adv_by_std_in_grpo", True),
+        valid=batch.get("valid"),
     )
 
 
 def _adv_drgrpo(batch, cfg):
     del cfg
-    return grpo(_scores(batch), batch["group_ids"], batch["loss_mask"], norm_by_std=False)
+    return grpo(
+        _scores(batch),
+        batch["group_ids"],
+        batch["loss_mask"],
+        norm_by_std=False,
+        valid=batch.get("valid"),
+    )
 
 
 def _adv_rloo(batch, cfg):
     del cfg
-    return rloo(_scores(batch), batch["group_ids"], batch["loss_mask"])
+    return rloo(_scores(batch), batch["group_ids"], batch["loss_mask"], batch.get("valid"))
 
 
 def _adv_rpp(batch, cfg):
-    return reinforce_pp(batch["rewards"], batch["loss_mask"], _cfg(cfg, "gamma", 1.0))
+    return reinforce_pp(
+        batch["rewards"], batch["loss_mask"], _cfg(cfg, "gamma", 1.0), batch.get("valid")
+    )
 
 
 def _adv_rpp_baseline(batch, cfg):
     del cfg
-    return reinforce_pp_baseline(_scores(batch), batch["group_ids"], batch["loss_mask"])
+    return reinforce_pp_baseline(
+        _scores(batch), batch["group_ids"], batch["loss_mask"], batch.get("valid")
+    )
 
 
 AdvFn = Callable[[Mapping[str, Array], Any], tuple[Array, Array]]
@@ -313,7 +357,8 @@ ADV_ESTIMATORS: dict[str, AdvFn] = {
     "reinforce_plus_plus_baseline": _adv_rpp_baseline,
 }
 
-# Keys each estimator reads (besides loss_mask); outcome ones use `scores` or sum(rewards).
+# Keys each estimator reads (besides loss_mask and the optional per-episode `valid`); outcome
+# ones use `scores` or sum(rewards).
 REQUIRED_KEYS = {
     "gae": ("rewards", "values"),
     "grpo": ("group_ids",),
@@ -333,6 +378,8 @@ def compute_advantages(
     token-level KL penalty (sampler ``old_logprobs`` vs ``ref_logprobs``) is subtracted from
     ``rewards`` first, and its per-sequence sum from ``scores`` (outcome estimators). Returns
     ``{"advantages", "returns"}`` plus ``"kl_in_reward"`` (per-sequence KL [B]) when used.
+    ``batch["valid"]`` ([B], optional, default all ones) marks env failures (0): they are left
+    out of group statistics and whitening and get advantage 0 (see the module doc).
     ``kl_coef`` (a number or a traced scalar: the KL controller's current value) overrides
     ``cfg.kl_ctrl.kl_coef``.
     """

@@ -7,10 +7,11 @@ holds 0. Likewise ``values[b, t]`` is the critic's value of the state in which t
 read from the hidden state at t - 1. ``loss_mask[b, t] = 1`` marks model-generated targets, so a
 prompt's first token can never be a target.
 
-Aggregation: ``agg_loss(loss_mat, mask, mode)`` implements veRL's modes. Inside the update, losses
-are instead reduced with per-token weights from ``agg_weights`` computed over the whole
-mini-batch, so summing micro-batch losses gives exactly the mini-batch loss (veRL averages the
-per-micro-batch aggregates, which is not the same for token-mean with uneven lengths).
+Aggregation: ``agg_loss(loss_mat, mask, mode)`` implements veRL's modes (seq-mean modes count only
+rows with a loss token). Inside the update, losses are instead reduced with per-token weights from
+``agg_weights`` with the whole mini-batch's token and sequence counts, so summing micro-batch
+losses gives exactly the mini-batch loss (veRL averages the per-micro-batch aggregates, which is
+not the same for token-mean with uneven lengths).
 """
 
 from __future__ import annotations
@@ -75,24 +76,31 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"loss_agg_mode={mode!r}: allowed {LOSS_AGG_MODES}")
 
 
+def seq_count(mask: Array) -> Array:
+    """Rows with at least one loss token: the sequence count of the seq-mean modes."""
+    return jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
+
+
 def agg_weights(
     mask: Array, mode: str, n_tokens: Array | None = None, n_seqs: Array | float | None = None
 ) -> Array:
     """Per-token weights w with sum(loss_mat * w) == agg_loss(loss_mat, mask, mode).
 
-    ``n_tokens`` / ``n_seqs`` override the normalisers (the mini-batch totals when ``mask`` is
-    one micro-batch of it).
+    The seq-mean modes average over rows with at least one loss token (``seq_count``), as veRL
+    0.9: a failed or fully truncated episode must not shrink the others' loss. ``n_tokens`` /
+    ``n_seqs`` override the normalisers (the mini-batch totals when ``mask`` is one micro-batch
+    of it).
     """
     _check_mode(mode)
     m = mask.astype(jnp.float32)
     if mode == "token-mean":
         n = jnp.sum(m) if n_tokens is None else n_tokens
         return m / jnp.maximum(n, 1.0)
-    s = m.shape[0] if n_seqs is None else n_seqs
+    s = jnp.maximum(seq_count(m) if n_seqs is None else n_seqs, 1.0)
     if mode == "seq-mean-token-sum":
         return m / s
     row = jnp.sum(m, axis=-1, keepdims=True)
-    return m / (jnp.maximum(row, 1.0) * s)  # an all-masked row contributes 0 (veRL: NaN)
+    return m / (jnp.maximum(row, 1.0) * s)  # an empty row has weight 0 (not NaN)
 
 
 def agg_loss(loss_mat: Array, mask: Array, mode: str = "token-mean") -> Array:

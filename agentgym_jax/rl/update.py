@@ -8,9 +8,10 @@ train state they replace.
 One ``actor_update`` call is one training step, all inside one jit: ``ppo_epochs`` passes, each
 shuffling the batch (jax PRNG) into mini-batches of ``ppo_mini_batch_size`` sequences, one AdamW
 step per mini-batch, gradients accumulated over micro-batches (``lax.scan``). Losses are reduced
-with per-token weights over the whole mini-batch (``losses.agg_weights``), so micro-batching
-gives the same update as the full mini-batch. The lr follows the training step (``state.step``,
-one per call), as veRL steps its scheduler once per training step.
+with per-token weights from the whole mini-batch's token count and count of rows with a loss
+token (``losses.agg_weights``), so micro-batching gives the same update as the full mini-batch.
+The lr follows the training step (``state.step``, one per call), as veRL steps its scheduler once
+per training step.
 
 Batch keys (numpy or jax, [B, T] right-padded, aligned to input_ids; see ``losses`` for the
 shift): actor: input_ids, attention_mask, loss_mask, old_logprobs, advantages, and ref_logprobs
@@ -267,10 +268,11 @@ def _make_update(
             params, opt_state = carry
             mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[ix], micro_sh), batch)
             n_tok = jnp.sum(mb["loss_mask"].astype(jnp.float32))
+            n_seq = L.seq_count(mb["loss_mask"])  # mini-batch total, as n_tok
 
             def micro_step(g_acc, mc):
                 (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                    params, graphdef, mc, n_tok, float(mini), cfg
+                    params, graphdef, mc, n_tok, n_seq, cfg
                 )
                 return jax.tree.map(jnp.add, g_acc, g), aux
 

@@ -53,21 +53,24 @@ def np_whiten(x, mask):
     return (x - mean) / np.sqrt(var + 1e-8) * mask
 
 
-def np_group_stats(scores, gids):
+def np_group_stats(scores, gids, valid=None):
+    """Group mean, unbiased std and size over the valid members of each row's group."""
+    valid = np.ones(len(scores)) if valid is None else valid
     means, stds, sizes = [], [], []
     for i in range(len(scores)):
-        members = [scores[j] for j in range(len(scores)) if gids[j] == gids[i]]
+        members = [scores[j] for j in range(len(scores)) if gids[j] == gids[i] and valid[j]]
         sizes.append(len(members))
-        means.append(np.mean(members))
+        means.append(np.mean(members) if members else 0.0)
         stds.append(np.std(members, ddof=1) if len(members) > 1 else 0.0)
     return np.array(means), np.array(stds), np.array(sizes)
 
 
-def np_grpo(scores, gids, mask, norm_by_std=True, eps=1e-6):
+def np_grpo(scores, gids, mask, norm_by_std=True, eps=1e-6, valid=None):
+    valid = np.ones(len(scores)) if valid is None else valid
     out = np.zeros(mask.shape)
-    means, stds, sizes = np_group_stats(scores, gids)
+    means, stds, sizes = np_group_stats(scores, gids, valid)
     for i in range(len(scores)):
-        if sizes[i] == 1:
+        if sizes[i] < 2 or not valid[i]:
             continue
         a = scores[i] - means[i]
         if norm_by_std:
@@ -76,13 +79,27 @@ def np_grpo(scores, gids, mask, norm_by_std=True, eps=1e-6):
     return out
 
 
-def np_rloo(scores, gids, mask):
+def np_rloo(scores, gids, mask, valid=None):
+    valid = np.ones(len(scores)) if valid is None else valid
     out = np.zeros(mask.shape)
     for i in range(len(scores)):
-        others = [scores[j] for j in range(len(scores)) if gids[j] == gids[i] and j != i]
-        if others:
+        others = [
+            scores[j] for j in range(len(scores)) if gids[j] == gids[i] and j != i and valid[j]
+        ]
+        if others and valid[i]:
             out[i] = (scores[i] - np.mean(others)) * mask[i]
     return out
+
+
+def np_rpp_baseline(scores, gids, mask, valid=None):
+    valid = np.ones(len(scores)) if valid is None else valid
+    means, _, sizes = np_group_stats(scores, gids, valid)
+    m = mask * np.asarray(valid, np.float64)[:, None]
+    centred = np.zeros(mask.shape)
+    for i in range(len(scores)):
+        if valid[i]:
+            centred[i] = (scores[i] - means[i] if sizes[i] > 1 else scores[i]) * m[i]
+    return np_whiten(centred, m)
 
 
 # ------------------------------------------------------------------ fixtures
@@ -186,9 +203,117 @@ def test_rloo_matches_loop_reference():
 def test_reinforce_pp_baseline_matches_loop_reference():
     scores, gids, mask = _outcome_data(6)
     adv, _ = A.reinforce_pp_baseline(scores, gids, mask)
-    means, _, sizes = np_group_stats(scores, gids)
-    centred = np.where(sizes > 1, scores - means, scores)[:, None] * mask
-    np.testing.assert_allclose(adv, np_whiten(centred, mask), atol=1e-4)
+    np.testing.assert_allclose(adv, np_rpp_baseline(scores, gids, mask), atol=1e-4)
+
+
+# ------------------------------------------------------------------ env failures (valid mask)
+
+# gids 7 7 7 3 3 42 7 3 11: group 7 keeps 2 of 4 valid, group 3 keeps 1 of 3 (size < 2), the
+# singleton 42 is invalid, 11 is a valid singleton.
+VALID = np.array([1, 0, 1, 1, 0, 0, 0, 0, 1], np.int32)
+
+
+@pytest.mark.parametrize("est", ["grpo", "drgrpo", "rloo", "reinforce_plus_plus_baseline"])
+def test_outcome_estimators_with_valid_match_loop_reference(est):
+    scores, gids, mask = _outcome_data(10)
+    batch = {"scores": scores, "group_ids": gids, "loss_mask": mask, "valid": VALID}
+    adv = np.asarray(A.compute_advantages(est, batch)["advantages"])
+    if est in ("grpo", "drgrpo"):
+        ref = np_grpo(scores, gids, mask, est == "grpo", valid=VALID)
+    elif est == "rloo":
+        ref = np_rloo(scores, gids, mask, valid=VALID)
+    else:
+        ref = np_rpp_baseline(scores, gids, mask, valid=VALID)
+    np.testing.assert_allclose(adv, ref, atol=1e-4)
+    assert np.all(adv[VALID == 0] == 0)
+    if est != "reinforce_plus_plus_baseline":  # group 3 has one valid member: no signal
+        assert np.all(adv[gids == 3] == 0)
+    # Scores of invalid rows do not matter.
+    moved = dict(batch, scores=np.where(VALID > 0, scores, 100.0).astype(np.float32))
+    np.testing.assert_allclose(A.compute_advantages(est, moved)["advantages"], adv, atol=1e-5)
+    # No `valid`: all valid.
+    ones = dict(batch, valid=np.ones_like(VALID))
+    no_key = {k: v for k, v in batch.items() if k != "valid"}
+    np.testing.assert_allclose(
+        A.compute_advantages(est, ones)["advantages"],
+        A.compute_advantages(est, no_key)["advantages"],
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("est", ["gae", "reinforce_plus_plus"])
+def test_temporal_estimators_skip_invalid_rows(est):
+    rewards, values, mask = _data(11, b=6)
+    valid = np.array([1, 0, 1, 1, 0, 1], np.int32)
+    batch = {"rewards": rewards, "values": values, "loss_mask": mask, "valid": valid}
+    out = A.compute_advantages(est, batch, {"gamma": 0.9, "lam": 0.95})
+    m = mask * valid[:, None]  # whitening over the valid rows' tokens only
+    if est == "gae":
+        ref, ref_ret = np_gae(rewards, values, m, 0.9, 0.95)
+    else:
+        ref_ret, _ = np_gae(rewards, np.zeros_like(rewards), m, 0.9, 1.0)
+        ref = ref_ret
+    np.testing.assert_allclose(out["returns"], ref_ret, atol=1e-5)
+    np.testing.assert_allclose(out["advantages"], np_whiten(ref, m), atol=1e-4)
+
+
+def _episode(uid, group, score, error=None, truncated=None, n_model=3):
+    from agentgym_jax.rollout import Episode
+
+    tokens = list(range(1, 4 + n_model + 2))  # prompt 4, model turn, env reply 2
+    lmask = [0] * 4 + [1] * n_model + [0, 0]
+    return Episode(
+        uid=uid,
+        task_id=group,
+        group=group,
+        tokens=tokens,
+        loss_mask=lmask,
+        logprobs=[-0.5 * x for x in lmask],
+        score=score,
+        success=score > 0,
+        error=error,
+        truncated=truncated,
+    )
+
+
+def test_to_batch_valid_flags_env_failures_only():
+    from agentgym_jax.rollout import to_batch
+
+    eps = [
+        _episode(0, 0, 1.0),
+        _episode(1, 0, 0.0, error="worker crashed"),
+        _episode(2, 0, 0.0, error="timeout", truncated="horizon"),  # truncated: still usable
+        _episode(3, 0, 0.0, truncated="prompt", n_model=0),
+    ]
+    b = to_batch(eps, pad_multiple=16)
+    np.testing.assert_array_equal(b["valid"], [1, 0, 1, 1])
+    assert b["valid"].shape == (4,)
+    np.testing.assert_array_equal(b["loss_mask"].sum(1), [3, 0, 3, 0])
+    assert b["rewards"][1].sum() == 0
+
+
+@pytest.mark.parametrize("est", ["grpo", "rloo"])
+def test_failures_in_an_all_success_group_leave_advantage_zero(est):
+    """Group 0: two successes and two env failures (score 0). The failures are not low scores:
+    every valid episode succeeded, so nobody in the group is pushed up or down."""
+    from agentgym_jax.rollout import to_batch
+
+    eps = [
+        _episode(0, 0, 1.0),
+        _episode(1, 0, 0.0, error="worker crashed"),
+        _episode(2, 0, 1.0),
+        _episode(3, 0, 0.0, error="protocol error"),
+        _episode(4, 1, 1.0),  # group 1: a real success / failure contrast
+        _episode(5, 1, 0.0),
+    ]
+    batch = to_batch(eps, pad_multiple=16)
+    adv = np.asarray(A.compute_advantages(est, batch)["advantages"])
+    np.testing.assert_allclose(adv[:4], 0.0, atol=1e-6)
+    assert np.all(adv[4][batch["loss_mask"][4] > 0] > 0)
+    assert np.all(adv[5][batch["loss_mask"][5] > 0] < 0)
+    # Without the valid mask the failures would count as zero scores and push the successes up.
+    no_valid = {k: v for k, v in batch.items() if k != "valid"}
+    assert np.all(np.asarray(A.compute_advantages(est, no_valid)["advantages"])[0, 4:7] > 0)
 
 
 def np_kl(logp, ref, kind):

@@ -49,14 +49,18 @@ def test_sequence_logprobs_shift():
 
 
 def np_agg(loss, mask, mode):
+    """veRL 0.9 agg_loss: the seq-mean modes average over rows with at least one loss token."""
     if mode == "token-mean":
-        return sum(loss[i, j] for i, j in np.ndindex(mask.shape) if mask[i, j]) / mask.sum()
+        n = mask.sum()
+        return sum(loss[i, j] for i, j in np.ndindex(mask.shape) if mask[i, j]) / max(n, 1)
     seqs = []
     for i in range(mask.shape[0]):
-        s = sum(loss[i, j] for j in range(mask.shape[1]) if mask[i, j])
         n = mask[i].sum()
-        seqs.append(s if mode == "seq-mean-token-sum" else (s / n if n else 0.0))
-    return np.mean(seqs)
+        if not n:
+            continue
+        s = sum(loss[i, j] for j in range(mask.shape[1]) if mask[i, j])
+        seqs.append(s if mode == "seq-mean-token-sum" else s / n)
+    return np.mean(seqs) if seqs else 0.0
 
 
 @pytest.mark.parametrize("mode", L.LOSS_AGG_MODES)
@@ -68,14 +72,39 @@ def test_agg_loss_and_split_weights(mode):
     got = float(L.agg_loss(jnp.asarray(loss), jnp.asarray(mask), mode))
     assert got == pytest.approx(np_agg(loss, mask, mode), rel=1e-5, abs=1e-6)
     # Micro-batch weights with mini-batch normalisers sum back to the full aggregate.
-    n_tok = jnp.sum(mask)
+    n_tok, n_seq = jnp.sum(mask), L.seq_count(jnp.asarray(mask))
+    assert float(n_seq) == 5
     parts = [
-        jnp.sum(loss[s] * L.agg_weights(jnp.asarray(mask[s]), mode, n_tok, 6.0))
+        jnp.sum(loss[s] * L.agg_weights(jnp.asarray(mask[s]), mode, n_tok, n_seq))
         for s in (slice(0, 2), slice(2, 6))
     ]
     assert float(sum(parts)) == pytest.approx(got, rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="loss_agg_mode"):
         L.agg_loss(loss, mask, "sum")
+
+
+@pytest.mark.parametrize("mode", L.LOSS_AGG_MODES)
+def test_agg_with_empty_rows_equals_agg_without_them(mode):
+    """Failed or fully truncated episodes (no loss tokens) do not shrink the others' loss."""
+    rng = np.random.default_rng(12)
+    _, mask = multiturn_masks(rng, 8, 16)
+    empty = np.array([0, 1, 0, 0, 1, 1, 0, 0], bool)
+    mask[empty] = 0
+    loss = rng.normal(size=mask.shape).astype(np.float32) * 3
+    got = float(L.agg_loss(jnp.asarray(loss), jnp.asarray(mask), mode))
+    assert got == pytest.approx(np_agg(loss, mask, mode), rel=1e-5, abs=1e-6)
+    kept = float(L.agg_loss(jnp.asarray(loss[~empty]), jnp.asarray(mask[~empty]), mode))
+    assert got == pytest.approx(kept, rel=1e-5, abs=1e-6)
+    # Micro-batches of two rows (one entirely empty) with the full batch's normalisers.
+    n_tok, n_seq = jnp.sum(mask), L.seq_count(jnp.asarray(mask))
+    parts = [
+        float(jnp.sum(loss[k : k + 2] * L.agg_weights(mask[k : k + 2], mode, n_tok, n_seq)))
+        for k in range(0, 8, 2)
+    ]
+    assert sum(parts) == pytest.approx(got, rel=1e-5, abs=1e-6)
+    # All rows empty: 0, not NaN.
+    none = float(L.agg_loss(jnp.asarray(loss), jnp.zeros_like(jnp.asarray(mask)), mode))
+    assert none == 0.0
 
 
 def _pg_setup(seed=3):

@@ -132,6 +132,33 @@ def test_update_matches_hand_written_step():
     assert metrics[0]["actor/grad_norm"] > cfg.grad_clip  # clipping was exercised
 
 
+@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean"])
+def test_update_with_empty_rows_equals_update_without_them(mode):
+    """Rows without loss tokens (env failures, fully truncated episodes) leave the seq-mean loss,
+    its gradient and the metrics as without them, also micro-batched: the sequence count is the
+    mini-batch's rows with a loss token."""
+    small = make_batch(6, b=4, t=20)
+    order = [0, 1, None, None, 2, None, 3, None]  # micro-batches of 2: one is all empty
+    empty = np.array([i is None for i in order])
+    big = {
+        k: np.stack([v[i] if i is not None else v[j % 4] for j, i in enumerate(order)])
+        for k, v in small.items()
+    }
+    big["loss_mask"][empty] = 0  # tokens kept, loss mask zeroed (as to_batch does on a failure)
+    cfg = dataclasses.replace(
+        BASE, loss_agg_mode=mode, ppo_mini_batch_size=4, ppo_micro_batch_size=None, shuffle=False
+    )
+    cfg_big = dataclasses.replace(cfg, ppo_mini_batch_size=8, ppo_micro_batch_size=2)
+    mesh = one_device_mesh()
+    s_small, m_small = run_actor(cfg, mesh, small)
+    s_big, m_big = run_actor(cfg_big, mesh, big)
+    assert max_diff(s_small.params, tiny_model(0)) > 1e-3
+    assert max_diff(s_small.params, s_big.params) <= 1e-5
+    assert set(m_small[0]) == set(m_big[0])
+    for k, v in m_small[0].items():
+        assert m_big[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
 def test_sharded_update_equals_single_device():
     cfg = dataclasses.replace(BASE, loss_agg_mode="seq-mean-token-mean")  # micro = mini = 4
     s1, m1 = cached_run(cfg, 1, 0)
