@@ -109,6 +109,20 @@ class RolloutSettings:
     """None: a turn cut at ``max_tokens_per_turn`` goes to the env as is (AgentGym). A number:
   it ends the episode with this score (``truncated="turn"``), so RL stops rewarding replies
   that ramble past their action and never close."""
+    max_response_length: int | None = None
+    """Token budget after the prompt (model turns + env replies), as the original's
+  ``data.max_response_length``; an episode that would pass it ends (``truncated="length"``).
+  None: only the engine's ``max_len`` bounds it."""
+
+    def turn_budget(self, response_len: int) -> int:
+        """New tokens the next model turn may take, ``response_len`` tokens after the prompt."""
+        if self.max_response_length is None:
+            return self.max_tokens_per_turn
+        return max(1, min(self.max_tokens_per_turn, self.max_response_length - response_len))
+
+    def out_of_budget(self, response_len: int) -> bool:
+        """No room for another model token after ``response_len`` tokens."""
+        return self.max_response_length is not None and response_len >= self.max_response_length
 
 
 @dataclasses.dataclass
@@ -221,7 +235,7 @@ class Rollout:
                     top_k=s.top_k,
                     seeds=[episode_seed(s.seed, e.uid) for e in batch],
                 )
-                eng.begin_turn([e.slot for e in batch], s.max_tokens_per_turn, self.stop_token_ids)
+                eng.begin_turn([e.slot for e in batch], s.turn_budget(0), self.stop_token_ids)
             # 3) Decode until some turn ends; hand finished turns to the envs.
             if decoding := book[Phase.DECODING]:
                 td = time.perf_counter()
@@ -288,7 +302,9 @@ class Rollout:
         e.turns_stopped += turn.finish_reason == "stop"
         text = self.chat.tokenizer.decode(toks, skip_special_tokens=True)
         e.messages.append({"role": "assistant", "content": text})
-        if turn.finish_reason == "max_len":
+        # A turn cut by the response budget (its turn_budget) ends the episode like a full slot.
+        over = turn.finish_reason == "length" and s.out_of_budget(len(e.tokens) - e.prompt_len)
+        if turn.finish_reason == "max_len" or over:
             e.truncated = "length"
             return False
         if turn.finish_reason == "length" and s.unclosed_turn_score is not None:
@@ -323,7 +339,8 @@ class Rollout:
             ended = bool(e.turn_ends) and e.tokens[e.turn_ends[-1]] == self.chat.end_of_turn_id
             # messages ends with [..., assistant, user(obs)]: the delta is that user message + gen prompt.
             delta = self.chat.delta_ids(e.messages[:-1], e.messages[-1:], model_ended_turn=ended)
-            if len(e.tokens) + len(delta) >= self.engine.config.max_len:
+            n = len(e.tokens) + len(delta)
+            if n >= self.engine.config.max_len or s.out_of_budget(n - e.prompt_len):
                 e.truncated = "length"
                 self._finish(book, e)
                 continue
@@ -342,7 +359,11 @@ class Rollout:
                 e.truncated = "length"
                 self._finish(book, e)
             return
-        self.engine.begin_turn(slots, s.max_tokens_per_turn, self.stop_token_ids)
+        by_budget: dict[int, list[int]] = {}
+        for e in live:
+            by_budget.setdefault(s.turn_budget(len(e.tokens) - e.prompt_len), []).append(e.slot)
+        for budget, group in by_budget.items():
+            self.engine.begin_turn(group, budget, self.stop_token_ids)
         for e in live:
             book.move(e, Phase.DECODING)
 
@@ -357,10 +378,13 @@ def rollout_metrics(episodes: Sequence[Episode], prefix: str = "train") -> dict[
     n = max(len(episodes), 1)
     resp = [sum(e.loss_mask) for e in episodes]
     scores = np.array([e.score for e in episodes], np.float64)
+    mean = float(scores.mean()) if len(scores) else 0.0
     return {
-        f"{prefix}/reward_mean": float(scores.mean()) if len(scores) else 0.0,
+        f"{prefix}/reward_mean": mean,
         f"{prefix}/reward_std": float(scores.std()) if len(scores) else 0.0,
+        # The paper reports both: the success rate and the mean score (the env's final score).
         f"{prefix}/success_rate": sum(e.success for e in episodes) / n,
+        f"{prefix}/score_mean": mean,
         f"{prefix}/turns_mean": sum(e.turns for e in episodes) / n,
         f"{prefix}/turns_max": float(max((e.turns for e in episodes), default=0)),
         # Falls toward 0 when the policy stops closing its turns (a common RL collapse).
@@ -385,8 +409,9 @@ def to_batch(
 ) -> dict[str, np.ndarray]:
     """Right-padded training arrays. The outcome score sits on the last model token.
 
-    Episodes with an env error keep their tokens but get a zero loss mask: a crashed env says
-    nothing about the policy.
+    An episode that ended on an env failure (``error`` set, not truncated) says nothing about the
+    policy: it keeps its tokens but gets a zero loss mask and ``valid`` 0, which leaves it out of
+    its group's advantage statistics (``rl.advantages``).
     """
     b = len(episodes)
     longest = max((len(e.tokens) for e in episodes), default=1)
@@ -398,11 +423,12 @@ def to_batch(
     lmask = np.zeros((b, t), np.int32)
     lps = np.zeros((b, t), np.float32)
     rewards = np.zeros((b, t), np.float32)
+    valid = np.array([e.error is None or e.truncated is not None for e in episodes], np.int32)
     for i, e in enumerate(episodes):
         n = min(len(e.tokens), t)
         ids[i, :n] = e.tokens[:n]
         attn[i, :n] = 1
-        if e.error is None or e.truncated is not None:
+        if valid[i]:
             lmask[i, :n] = e.loss_mask[:n]
         lps[i, :n] = e.logprobs[:n]
         model_pos = np.nonzero(lmask[i])[0]
@@ -416,4 +442,5 @@ def to_batch(
         rewards=rewards,
         scores=np.array([e.score for e in episodes], np.float32),
         group_ids=np.array([e.group for e in episodes], np.int32),
+        valid=valid,
     )

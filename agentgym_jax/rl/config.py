@@ -183,8 +183,9 @@ class ActorConfig(OptimConfig):
     """Coefficient of the KL loss."""
     kl_loss_type: str = "low_var_kl"
     """kl (k1) | abs | mse (k2) | low_var_kl (k3, clamped to [-10, 10])."""
-    temperature: float = 1.0
-    """Sampling temperature: logits are divided by it before log-probs, matching the sampler."""
+    temperature: float | None = None
+    """Logits are divided by it before log-probs. None (default): the sampler's, i.e.
+  ``rollout.temperature`` in a TrainConfig (which refuses any other value), 1.0 alone."""
 
     def __post_init__(self):
         p = "actor"
@@ -200,6 +201,10 @@ class ActorConfig(OptimConfig):
         _positive(p, "entropy_coeff", self.entropy_coeff, allow_zero=True)
         _positive(p, "kl_loss_coef", self.kl_loss_coef, allow_zero=True)
         _choice(p, "kl_loss_type", self.kl_loss_type, KL_TYPES)
+        # Not a field: to_dict / to_yaml write the resolved temperature.
+        self._temperature_follows_rollout = self.temperature is None
+        if self.temperature is None:
+            self.temperature = 1.0
         _positive(p, "temperature", self.temperature)
 
 

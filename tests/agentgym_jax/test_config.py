@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from agentgym_jax.config import ConfigError, load_config
+from agentgym_jax.config import ConfigError, load_config, to_yaml
 from tests.helpers import ROOT
 
 
@@ -65,11 +66,30 @@ def test_overrides_and_verl_aliases(tmp_path):
         (["rollout.val_max_turns=-1"], "val_max_turns"),
         (["model.attn_q_block=-8"], "attn_q_block"),
         (["rollout.unclosed_turn_score=often"], "unclosed_turn_score"),
+        (["rollout.val_max_tokens_per_turn=-1"], "val_max_tokens_per_turn"),
+        (["rollout.temperature=0"], "rollout.temperature=0.*val_temperature=0"),
+        (["rollout.temperature=0.7", "actor.temperature=1.0"], "actor.temperature=1.0 differs"),
+        (["actor.temperature=0.7"], "actor.temperature=0.7 differs"),
     ],
 )
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, override)
+
+
+def test_update_temperature_follows_the_sampler():
+    assert load_config(None).actor.temperature == 1.0
+    cfg = load_config(None, ["rollout.temperature=0.7"])
+    assert cfg.actor.temperature == 0.7
+    same = load_config(None, ["rollout.temperature=0.7", "actor.temperature=0.7"])
+    assert same.actor.temperature == 0.7
+    # Greedy evaluation stays available.
+    assert load_config(None, ["rollout.val_temperature=0"]).rollout.val_temperature == 0.0
+    # The written config (resolved temperature) loads back.
+    d = yaml.safe_load(to_yaml(cfg))
+    assert d["actor"]["temperature"] == 0.7
+    again = load_config(None, base=d)
+    assert again.actor.temperature == again.rollout.temperature == 0.7
 
 
 def test_bad_yaml_file(tmp_path):
