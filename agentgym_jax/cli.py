@@ -230,9 +230,10 @@ def main(argv=None) -> int:
         print(f"agentgym-jax: config error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, RuntimeError) as e:
+        from agentgym_jax.checkpoint import NoLoadableCheckpointError
         from agentgym_jax.trainer import AllEnvsFailedError
 
-        if not isinstance(e, (FloatingPointError, AllEnvsFailedError)):
+        if not isinstance(e, (FloatingPointError, AllEnvsFailedError, NoLoadableCheckpointError)):
             raise
         # Run-level stops with their own explanation: one line, no traceback, exit 1.
         print(f"agentgym-jax: stopped: {e}", file=sys.stderr)

@@ -74,12 +74,19 @@ class EnvSection:
     train_split: str = "train"
     test_split: str = "test"
 
+    def __post_init__(self):
+        if self.step_timeout_s <= 0:
+            raise ConfigError(f"env.step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if self.num_workers < 0:
+            raise ConfigError(f"env.num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclasses.dataclass
 class RolloutConfig:
     n: int = 8
     """Episodes per task (group size for GRPO / RLOO)."""
     temperature: float = 1.0
+    """Sampling temperature of training rollouts (> 0); ``actor.temperature`` follows it."""
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
@@ -94,12 +101,16 @@ class RolloutConfig:
   once. Evaluation runs its episodes through the same slots, refilling them as episodes end (a
   decode step costs the same for every slot, live or not, so spare slots would slow training)."""
     val_temperature: float = 0.0
-    """Sampling temperature for evaluation (0 = greedy)."""
+    """Sampling temperature for evaluation (0 = greedy; the original's eval scripts sample at 1,
+  top_p 1)."""
     val_n: int = 1
     """Episodes per held-out task during evaluation."""
     val_max_turns: int = 0
     """Turn limit of evaluation episodes; 0 = the largest training horizon (max of
   algorithm.rounds_ctrl.rounds). Set it to compare runs trained with different horizons."""
+    val_max_tokens_per_turn: int = 0
+    """Per-turn token limit of evaluation episodes; 0 = ``max_tokens_per_turn`` (the original
+  evaluates with 200)."""
     seed: int = 0
     """Offsets the episodes' sampling streams from ``trainer.seed``: step k samples with
     ``mix_seed(trainer.seed, rollout.seed, 2k + eval)``. Change it to draw other episodes with the
@@ -112,8 +123,11 @@ class RolloutConfig:
             raise ConfigError("rollout.temperature / val_temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens_per_turn < 1:
-            raise ConfigError("rollout.max_tokens_per_turn must be >= 1")
+        if self.max_tokens_per_turn < 1 or self.val_max_tokens_per_turn < 0:
+            raise ConfigError(
+                "rollout.max_tokens_per_turn must be >= 1 and rollout.val_max_tokens_per_turn >= 0"
+                f" (0 = as training); got {self.max_tokens_per_turn}, {self.val_max_tokens_per_turn}"
+            )
 
 
 @dataclasses.dataclass
@@ -154,7 +168,12 @@ class TrainerSection:
     output_dir: str = "runs/default"
     save_freq: int = 10
     """Checkpoint every k steps (and at the end, and on SIGTERM)."""
-    max_to_keep: int = 3
+    max_to_keep: int | None = 3
+    """Checkpoints kept (older ones are deleted); null keeps all."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest checkpoint in ``output_dir`` that loads, and stop with an
+  error if checkpoints exist but none loads (e.g. model shapes changed). never: start at step 0
+  and move the old checkpoints aside into ``checkpoints/old-<time>/`` (nothing is deleted)."""
     test_freq: int = 10
     """Evaluate on held-out tasks every k steps (0 = never; also at the start and end)."""
     val_before_train: bool = True
@@ -188,6 +207,15 @@ class TrainerSection:
             raise ConfigError(
                 "trainer.total_training_steps must be >= 0 and trainer.save_freq >= 1"
             )
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"trainer.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            # orbax would delete every checkpoint right after writing it.
+            raise ConfigError(
+                f"trainer.max_to_keep must be >= 1 (or null: keep all), got {self.max_to_keep}"
+            )
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"trainer.resume={self.resume!r}; allowed values: 'auto', 'never'")
 
 
 @dataclasses.dataclass
@@ -233,6 +261,26 @@ class TrainConfig:
             )
         if (self.actor.use_kl_loss or self.algorithm.use_kl_in_reward) and not self.ref.enable:
             raise ConfigError("actor.use_kl_loss / algorithm.use_kl_in_reward need ref.enable=true")
+        self._resolve_temperature()
+
+    def _resolve_temperature(self):
+        # Old-policy, reference and update log-probs must be the sampler's (as veRL's): one
+        # temperature, rollout.temperature, for all of them.
+        a, r = self.actor, self.rollout
+        if r.temperature <= 0:
+            raise ConfigError(
+                f"rollout.temperature={r.temperature}: training samples need a temperature > 0 "
+                "(the update's log-probs are the sampler's); for greedy evaluation set "
+                "rollout.val_temperature=0"
+            )
+        if a._temperature_follows_rollout:
+            a.temperature = r.temperature
+        elif a.temperature != r.temperature:
+            raise ConfigError(
+                f"actor.temperature={a.temperature} differs from rollout.temperature="
+                f"{r.temperature}: the update's log-probs must be those of the sampler; set only "
+                "rollout.temperature (actor.temperature follows it)"
+            )
 
     @property
     def uses_critic(self) -> bool:
@@ -276,16 +324,31 @@ def _apply_aliases(d: dict) -> dict:
     return out
 
 
+def _check_sections(d: Any, where: str) -> None:
+    """Top-level sections are mappings (``trainer: 5`` is an error here, not a traceback later)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: the config must be a mapping of sections")
+    sections = {f.name for f in dataclasses.fields(TrainConfig)} | {"actor_rollout_ref"}
+    for k, v in d.items():
+        if k in sections and not isinstance(v, dict):
+            raise ConfigError(
+                f"config section {k!r} must be a mapping of keys, got {type(v).__name__} {v!r}"
+            )
+
+
 def load_config(
     path: str | None = None, overrides: Sequence[str] = (), base: dict | None = None
 ) -> TrainConfig:
     """YAML (optional) + ``key=value`` overrides -> validated TrainConfig."""
     d: dict[str, Any] = dict(base or {})
     if path:
-        d = ct.merge(d, _apply_aliases(ct.load_yaml(path)))
+        loaded = ct.load_yaml(path)
+        _check_sections(loaded, path)
+        d = ct.merge(d, _apply_aliases(loaded))
     for o in overrides:
         keys, value = ct.parse_override(o)
         ct.set_dotted(d, canonical_key(".".join(keys)).split("."), value)
+    _check_sections(d, "the overrides")
     # The cosine schedule needs the run length; default it from the trainer.
     steps = d.get("trainer", {}).get("total_training_steps")
     for sec in ("actor", "critic"):

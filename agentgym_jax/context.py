@@ -90,13 +90,18 @@ def load_actor(cfg: TrainConfig, mesh: Mesh | None = None) -> nnx.Module:
     )
 
 
-def checkpointer_for(cfg: TrainConfig, run_dir: str | None = None) -> Checkpointer:
+def checkpointer_for(
+    cfg: TrainConfig, run_dir: str | None = None, *, read_only: bool = False
+) -> Checkpointer:
+    """The run's checkpointer. ``read_only`` (eval, export) leaves temporary save folders alone:
+    the run may still be training and writing one."""
     t = cfg.trainer
     return Checkpointer(
         os.path.join(run_dir or t.output_dir, "checkpoints"),
         save_every=t.save_freq,
         max_to_keep=t.max_to_keep,
         async_save=t.async_checkpoint,
+        clean_tmp=not read_only,
     )
 
 

@@ -8,6 +8,7 @@ checkpointed sampler, so a run resumed at step k reproduces the straight run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,9 @@ import shutil
 import signal
 import time
 from typing import Any
+
+import jax
+import numpy as np
 
 from agentgym_jax.config import TrainConfig, to_yaml
 from agentgym_jax.context import Context, build_context, checkpointer_for, load_actor
@@ -26,6 +30,14 @@ from agentgym_jax.rollout import Episode, RolloutSettings, rollout_metrics, to_b
 from agentgym_jax.seeding import mix_seed
 
 log = logging.getLogger(__name__)
+
+
+class AllEnvsFailedError(RuntimeError):
+    """A whole training step's episodes failed in the env: training would learn nothing."""
+
+
+class _Preempted(Exception):
+    """Raised by the signal handler to abandon a rollout or evaluation in progress."""
 
 
 def pad_bucket(n: int, cap: int) -> int:
@@ -42,12 +54,15 @@ def rollout_settings(cfg: TrainConfig, horizon, step: int, *, eval_mode: bool) -
     r = cfg.rollout
     if eval_mode:
         max_turns = r.val_max_turns or max(cfg.algorithm.rounds_ctrl.rounds)
+        per_turn = r.val_max_tokens_per_turn or r.max_tokens_per_turn
     else:
         max_turns = horizon(max(step, 1))
+        per_turn = r.max_tokens_per_turn
     return RolloutSettings(
         max_turns=max_turns,
-        max_tokens_per_turn=r.max_tokens_per_turn,
+        max_tokens_per_turn=per_turn,
         max_prompt_length=cfg.data.max_prompt_length,
+        max_response_length=cfg.data.max_response_length,
         temperature=r.val_temperature if eval_mode else r.temperature,
         top_p=1.0 if eval_mode else r.top_p,
         top_k=0 if eval_mode else r.top_k,
@@ -72,6 +87,7 @@ class Trainer:
         self.step_count = 0
         self.bad_steps = 0
         self._stop_signal: int | None = None
+        self._abandon_ok = False
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Trainer:
@@ -86,6 +102,8 @@ class Trainer:
         return tree
 
     def save(self, force: bool = False) -> bool:
+        """Queue a checkpoint of ``step_count``; True if one was queued now, False if off the
+        ``save_freq`` grid (without ``force``) or this step already has this run's checkpoint."""
         meta = {
             "step": self.step_count,
             "data": self.ctx.sampler.get_state(),
@@ -96,9 +114,34 @@ class Trainer:
         return self.ctx.checkpointer.save(self.step_count, self._ckpt_tree(), meta, force=force)
 
     def maybe_resume(self) -> int:
-        """Restore the newest loadable checkpoint of the output dir; returns its step (0: none)."""
-        got = self.ctx.checkpointer.restore(self._ckpt_tree())
+        """Restore the newest loadable checkpoint of the output dir; returns its step (0: none).
+
+        ``trainer.resume=never`` moves existing checkpoints aside and starts at 0. Otherwise,
+        checkpoints that exist but none of which loads are an error: starting at 0 would let
+        later saves delete the old run's checkpoints."""
+        from agentgym_jax.checkpoint import NoLoadableCheckpointError
+
+        ck = self.ctx.checkpointer
+        if self.cfg.trainer.resume == "never":
+            folder = ck.set_aside()
+            if folder:
+                log.warning(
+                    "trainer.resume=never: old checkpoints moved to %s; starting at 0", folder
+                )
+            return 0
+        got = ck.restore(self._ckpt_tree())
         if got is None:
+            if ck.all_steps():
+                newest = max(ck.failed)  # the others are logged above; usually the same reason
+                why = f"step {newest}: {ck.failed[newest]}" + (
+                    f" (and {len(ck.failed) - 1} older steps)" if len(ck.failed) > 1 else ""
+                )
+                raise NoLoadableCheckpointError(
+                    f"{ck.directory} has checkpoints (steps {ck.all_steps()}) but none loads into "
+                    f"this run's state (changed model or config?): {why}. To start over set "
+                    "trainer.resume=never (moves them aside, deletes nothing) or use another "
+                    "trainer.output_dir."
+                )
             return 0
         step, tree, meta = got
         s = self.state
@@ -121,8 +164,16 @@ class Trainer:
         ctx, cfg = self.ctx, self.cfg
         t0 = time.perf_counter()
         settings = rollout_settings(cfg, ctx.horizon, step, eval_mode=False)
-        result = ctx.rollout.run(next(ctx.sampler), settings)
+        with self._abandonable():
+            result = ctx.rollout.run(next(ctx.sampler), settings)
         episodes = result.episodes
+        failed = [e for e in episodes if e.error is not None and e.truncated is None]
+        if len(failed) == len(episodes):
+            raise AllEnvsFailedError(
+                f"step {step}: every one of {len(episodes)} episodes ended in an env failure, "
+                f"e.g. {failed[0].error!r}; nothing to train on. Check env "
+                f"{cfg.env.name!r} (env.kwargs, env.step_timeout_s, the env server if HTTP)."
+            )
         t_roll = time.perf_counter()
         max_len = ctx.engine.config.max_len
         batch = to_batch(
@@ -165,8 +216,38 @@ class Trainer:
 
     # ---- the loop ----
     def _on_signal(self, signum, frame):
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, no save
         self._stop_signal = signum
-        log.warning("received signal %d: will save and stop after the current step", signum)
+        if self._abandon_ok:
+            log.warning("received signal %d: abandoning this step, saving the last one", signum)
+            raise _Preempted
+        log.warning("received signal %d: will save and stop after this step's update", signum)
+
+    @contextlib.contextmanager
+    def _abandonable(self):
+        """Rollout and evaluation may be cut short by a signal (a preemption grace period is
+        shorter than a step); the update may not, since it donates the state being replaced.
+        Across processes every host must stop at the same step, so there the flag waits for the
+        step's end and the processes agree on it (``_agreed_stop``)."""
+        if jax.process_count() > 1:
+            yield
+            return
+        self._abandon_ok = True
+        try:
+            if self._stop_signal is not None:
+                raise _Preempted
+            yield
+        finally:
+            self._abandon_ok = False
+
+    def _agreed_stop(self) -> bool:
+        flag = self._stop_signal is not None
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
     def fit(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
@@ -184,26 +265,35 @@ class Trainer:
         n_log = cfg.trainer.log_transcripts
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start = time.perf_counter()
-        first_eval = last_eval = None
+        first_eval = last_eval = first_score = last_score = None
         try:
             if start >= total:
                 logger.write(f"nothing to do: checkpoint at step {start} >= {total} steps")
             elif cfg.trainer.val_before_train and start == 0:
                 m, eps = self.evaluate(0)
-                first_eval = m["eval/success_rate"]
+                first_eval, first_score = m["eval/success_rate"], m["eval/score_mean"]
                 logger.log(0, m)
                 logger.transcripts(0, [e.transcript() for e in eps[:n_log]], "eval_rollouts")
-                logger.write(
-                    f"step 0 eval: success {first_eval:.3f}, reward {m['eval/reward_mean']:.3f}"
-                )
+                logger.write(f"step 0 eval: success {first_eval:.3f}, mean score {first_score:.3f}")
             for step in range(start + 1, total + 1):
+                sampler_state = ctx.sampler.get_state()
+                try:
+                    m, episodes = self.step(step)
+                except _Preempted:
+                    ctx.sampler.set_state(sampler_state)  # the abandoned step's tasks rerun
+                    break
                 self.step_count = step
-                m, episodes = self.step(step)
                 if cfg.trainer.test_freq and (step % cfg.trainer.test_freq == 0 or step == total):
-                    em, eps = self.evaluate(step)
-                    m.update(em)
-                    last_eval = em["eval/success_rate"]
-                    logger.transcripts(step, [e.transcript() for e in eps[:n_log]], "eval_rollouts")
+                    try:
+                        with self._abandonable():
+                            em, eps = self.evaluate(step)
+                        m.update(em)
+                        last_eval, last_score = em["eval/success_rate"], em["eval/score_mean"]
+                        logger.transcripts(
+                            step, [e.transcript() for e in eps[:n_log]], "eval_rollouts"
+                        )
+                    except _Preempted:
+                        pass  # the step itself is complete: log and save it without its eval
                 logger.log(step, m)
                 logger.transcripts(step, [e.transcript() for e in episodes[:n_log]])
                 self.save(force=(step == total))
@@ -213,10 +303,18 @@ class Trainer:
                         f"{cfg.trainer.max_bad_steps}); stopping. Last good checkpoint: "
                         f"{ctx.checkpointer.latest_step()}"
                     )
-                if self._stop_signal is not None:
-                    self.save(force=True)
-                    logger.write(f"stopped by signal at step {step}; checkpoint saved")
+                if self._agreed_stop():
                     break
+            if self._stop_signal is not None:
+                self.save(force=True)
+                logger.write(
+                    f"stopped by signal at step {self.step_count}; "
+                    + (
+                        "checkpoint saved"
+                        if ctx.checkpointer.has_checkpoint(self.step_count)
+                        else "NO CHECKPOINT SAVED"
+                    )
+                )
         finally:
             ctx.checkpointer.wait()
             for s, h in old.items():
@@ -228,6 +326,8 @@ class Trainer:
             "elapsed_s": round(time.perf_counter() - t_start, 1),
             "eval_success_before": first_eval,
             "eval_success_after": last_eval,
+            "eval_score_before": first_score,
+            "eval_score_after": last_score,
             "preempted": self._stop_signal is not None,
             "output_dir": ctx.out_dir,
         }
@@ -249,8 +349,6 @@ def _train_state_tree(ts) -> dict:
 
 
 def _is_main_process() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 
@@ -281,6 +379,9 @@ def train(cfg: TrainConfig) -> dict:
     if before is not None or after is not None:
         fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
         lines.append(f"held-out success: {fmt(before)} -> {fmt(after)}")
+        num = lambda x: "n/a" if x is None else f"{x:.3f}"
+        s0, s1 = summary.get("eval_score_before"), summary.get("eval_score_after")
+        lines.append(f"held-out mean score: {num(s0)} -> {num(s1)}")
     if summary.get("curves"):
         lines.append(f"curves: {summary['curves']}")
     print("\n".join(lines), flush=True)
@@ -289,7 +390,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _restore_actor_params(cfg: TrainConfig, run_dir: str, params, step: int | None = None):
     """The actor params of a run's checkpoint (latest loadable, or ``step``); no optimizer."""
-    ck = checkpointer_for(cfg, run_dir)
+    ck = checkpointer_for(cfg, run_dir, read_only=True)
     try:
         got = ck.restore({"actor": {"params": params}}, step, partial=True)
     finally:
@@ -360,6 +461,7 @@ def export_checkpoint(
 
 
 __all__ = [
+    "AllEnvsFailedError",
     "Trainer",
     "evaluate",
     "evaluate_cli",

@@ -24,6 +24,7 @@ TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
         ("env.step_timeout_s=0", "env.step_timeout_s must be > 0"),
         ("env.step_timeout_s=-3", "env.step_timeout_s must be > 0"),
         ("env.num_workers=-1", "env.num_workers must be >= 0"),
+        ("trainer.max_bad_steps=0", "trainer.max_bad_steps must be >= 1"),
     ],
 )
 def test_malformed_values_are_config_errors(override, message):

@@ -120,33 +120,81 @@ def test_ppo_with_critic_runs(model_dir, tmp_path):
     assert not torch.allclose(new, base), "export did not carry the trained weights"
 
 
-def test_corrupt_latest_checkpoint_falls_back(model_dir, tmp_path, caplog):
-    out = str(tmp_path / "run")
-    train(
-        cfg_for(
-            model_dir,
-            out,
-            "trainer.total_training_steps=2",
-            "trainer.test_freq=0",
-            "trainer.async_checkpoint=false",
-        )
-    )
-    ck = os.path.join(out, "checkpoints")
-    assert sorted(int(d) for d in os.listdir(ck) if d.isdigit()) == [1, 2]
-    # Damage every data file of the newest checkpoint.
-    for root, _, files in os.walk(os.path.join(ck, "2", "state")):
+def damage_state(step_dir):
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    t = Trainer.from_config(cfg_for(model_dir, out))
+
+
+def test_corrupt_latest_checkpoint_falls_back(model_dir, tmp_path, caplog, capsys):
+    out = str(tmp_path / "run")
+    extra = ("trainer.test_freq=0", "trainer.async_checkpoint=false")
+    train(cfg_for(model_dir, out, "trainer.total_training_steps=2", "trainer.save_freq=1", *extra))
+    ck = os.path.join(out, "checkpoints")
+    assert sorted(int(d) for d in os.listdir(ck) if d.isdigit()) == [1, 2]
+    good = params_of(out, model_dir, 2)
+    damage_state(os.path.join(ck, "2"))
+    # Step 2 is now off the save grid and not the last: only the signal's forced save writes it.
+    more = ("trainer.total_training_steps=3", "trainer.save_freq=1000", *extra)
+    t = Trainer.from_config(cfg_for(model_dir, out, *more))
     try:
         with caplog.at_level("ERROR"):
-            step = t.maybe_resume()
+            assert t.maybe_resume() == 1
+        assert "CORRUPT" in caplog.text
+        assert os.path.isdir(os.path.join(ck, "2"))  # kept for inspection, never deleted
+        # SIGTERM during the retrained step 2: its save must really replace the corrupt step.
+        real = t.ctx.learner.step
+
+        def step_then_signal(*a, **kw):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **kw)
+
+        t.ctx.learner.step = step_then_signal
+        summary = t.fit()
     finally:
         t.close()
-    assert step == 1
-    assert "CORRUPT" in caplog.text
-    assert os.path.isdir(os.path.join(ck, "2"))  # kept for inspection, never deleted
+    assert summary["preempted"] and summary["step"] == 2
+    printed = capsys.readouterr()
+    assert "stopped by signal at step 2; checkpoint saved" in printed.out + printed.err
+    names = os.listdir(ck)
+    assert sorted(int(d) for d in names if d.isdigit()) == [1, 2]
+    assert len([n for n in names if n.startswith("2.corrupt-")]) == 1  # set aside, not deleted
+    again = params_of(out, model_dir, 2)  # raises if step 2 is still the corrupt one
+    for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(x, y)  # the fallback replayed step 2 exactly
+
+
+def test_unloadable_checkpoints_stop_unless_resume_never(model_dir, tmp_path):
+    from agentgym_jax.checkpoint import NoLoadableCheckpointError
+
+    out = str(tmp_path / "run")
+    extra = (
+        "trainer.total_training_steps=1",
+        "trainer.test_freq=0",
+        "trainer.async_checkpoint=false",
+    )
+    train(cfg_for(model_dir, out, *extra))
+    ck = os.path.join(out, "checkpoints")
+    # A config change that alters the saved tree: PPO adds a critic the checkpoint lacks.
+    gae = ("algorithm.adv_estimator=gae", "critic.ppo_mini_batch_size=4", *extra)
+    t = Trainer.from_config(cfg_for(model_dir, out, *gae))
+    try:
+        with pytest.raises(NoLoadableCheckpointError, match="trainer.resume=never") as err:
+            t.maybe_resume()
+    finally:
+        t.close()
+    assert "step 1:" in str(err.value) and "critic" in str(err.value), str(err.value)
+    assert os.listdir(ck).count("1") == 1  # untouched
+    s = train(cfg_for(model_dir, out, *gae, "trainer.resume=never"))
+    assert s["step"] == 1
+    old = [n for n in os.listdir(ck) if n.startswith("old-")]
+    assert len(old) == 1 and os.listdir(os.path.join(ck, old[0])) == ["1"]
+    t = Trainer.from_config(cfg_for(model_dir, out, *gae))
+    try:
+        assert t.maybe_resume() == 1  # the new run's checkpoint
+    finally:
+        t.close()
 
 
 def test_nan_loss_is_skipped_then_stops(model_dir, tmp_path, monkeypatch):
@@ -286,5 +334,71 @@ def test_adaptive_kl_in_reward_moves_logs_and_resumes(model_dir, tmp_path):
     try:
         assert t.maybe_resume() == 2
         assert t.state.kl_coef == pytest.approx(coefs[1])
+    finally:
+        t.close()
+
+
+def test_sigterm_abandons_a_long_evaluation_within_seconds(model_dir, tmp_path):
+    """A signal during a (here: minutes-long) evaluation abandons it; the completed step is
+    logged and saved, and fit returns promptly."""
+    import threading
+
+    cfg = cfg_for(
+        model_dir,
+        str(tmp_path / "abandon"),
+        "trainer.total_training_steps=3",
+        "trainer.test_freq=1",
+        "trainer.save_freq=1000",
+        "data.val_batch_size=400",
+        "rollout.val_n=2",
+        "rollout.val_max_turns=8",
+        "rollout.val_temperature=1.0",
+    )
+    t = Trainer.from_config(cfg)
+    sent = []
+
+    def send_when_step_1_is_done():
+        while t.step_count < 1:
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside the evaluation after step 1
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_step_1_is_done, daemon=True).start()
+    try:
+        summary = t.fit()
+    finally:
+        t.close()
+    waited = time.perf_counter() - sent[0]
+    assert summary["preempted"] and summary["step"] == 1
+    assert waited < 30, f"took {waited:.0f}s to stop"
+    rows = read_jsonl(os.path.join(cfg.trainer.output_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1] and "eval/success_rate" not in rows[0]
+    ck = os.path.join(cfg.trainer.output_dir, "checkpoints")
+    assert [int(d) for d in os.listdir(ck) if d.isdigit()] == [1]
+
+
+def test_second_ctrl_c_exits_at_once_and_all_env_failures_stop(model_dir, tmp_path):
+    from agentgym_jax.rollout import RolloutResult
+    from agentgym_jax.trainer import AllEnvsFailedError
+
+    t = Trainer.from_config(cfg_for(model_dir, str(tmp_path / "x")))
+    try:
+        t._on_signal(signal.SIGINT, None)  # outside a rollout: noted, acted on after the step
+        assert t._stop_signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            t._on_signal(signal.SIGINT, None)
+        real = t.ctx.rollout.run
+
+        def all_fail(tasks, settings):
+            result = real(tasks, settings)
+            for e in result.episodes:
+                e.error, e.truncated = "env worker crashed", None
+            return RolloutResult(result.episodes, result.stats)
+
+        t.ctx.rollout.run = all_fail
+        t._stop_signal = None
+        with pytest.raises(AllEnvsFailedError, match="every one of 8 episodes"):
+            t.step(1)
     finally:
         t.close()
