@@ -438,29 +438,28 @@ def create_app(
     def detail(data: dict[str, Any]) -> Any:
         return slot_of(data)[1].info
 
-    def action_hint(data: dict[str, Any]) -> Any:
+    def started_env_part(data: dict[str, Any], attr: str, what: str) -> Any:
+        """An env-specific object behind an extra route, on an env that has been reset."""
         idx, slot = slot_of(data)
         require_started(idx, slot)
-        sim = getattr(slot.env, "_sim", None)
-        if sim is None:
-            raise RequestError(f"env {name!r} has no action hints", 404)
+        part = getattr(slot.env, attr, None)
+        if part is None:
+            raise RequestError(f"env {name!r} has no {what}", 404)
+        return slot, part
+
+    def action_hint(data: dict[str, Any]) -> Any:
+        _, sim = started_env_part(data, "_sim", "action hints")
         return {
             "possible_actions": sim.get_possible_actions(),
             "possible_objects": sim.get_possible_objects(),
         }
 
     def available_actions(data: dict[str, Any]) -> Any:
-        idx, slot = slot_of(data)
-        require_started(idx, slot)
-        clickables = getattr(slot.env, "_clickables", None)
-        if clickables is None:
-            raise RequestError(f"env {name!r} has no clickables", 404)
+        slot, clickables = started_env_part(data, "_clickables", "clickables")
         return {"has_search_bar": slot.env.page == "search", "clickables": clickables()}
 
     def instruction_text(data: dict[str, Any]) -> Any:
-        idx, slot = slot_of(data)
-        require_started(idx, slot)
-        goal = getattr(slot.env, "goal", None)
+        _, goal = started_env_part(data, "goal", "instruction text")
         if not isinstance(goal, dict) or "instruction" not in goal:
             raise RequestError(f"env {name!r} has no instruction text", 404)
         return "Instruction: " + goal["instruction"]

@@ -155,6 +155,13 @@ def _broadcast(seq_adv: Array, mask: Array) -> Array:
     return seq_adv[:, None] * mask.astype(jnp.float32)
 
 
+def _group_relative(a: Array, n: Array, v: Array, mask: Array) -> tuple[Array, Array]:
+    """Per-sequence advantages ``a`` -> token level, zero where the group has fewer than two
+    valid members or the row is invalid (no relative signal)."""
+    adv = _broadcast(jnp.where((n > 1) & (v > 0), a, 0.0), mask)
+    return adv, adv
+
+
 def grpo(
     scores: Array,
     group_ids: Array,
@@ -175,9 +182,7 @@ def grpo(
     a = s - mean
     if norm_by_std:
         a = a / (std + eps)
-    a = jnp.where((n > 1) & (v > 0), a, 0.0)
-    adv = _broadcast(a, mask)
-    return adv, adv
+    return _group_relative(a, n, v, mask)
 
 
 def rloo(
@@ -188,9 +193,7 @@ def rloo(
     v = _valid(scores, valid)
     s, n, mean, _ = _group_mean_std(scores, group_ids, v)
     a = (s - mean) * n / jnp.maximum(n - 1.0, 1.0)  # = s_i - mean_{j != i} s_j (i valid)
-    a = jnp.where((n > 1) & (v > 0), a, 0.0)
-    adv = _broadcast(a, mask)
-    return adv, adv
+    return _group_relative(a, n, v, mask)
 
 
 def reinforce_pp_baseline(

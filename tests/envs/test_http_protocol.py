@@ -65,6 +65,14 @@ def do_reset(c, kind, idx, task=3):
     return c.post("/reset", json=body)
 
 
+def started(kind, name="fault"):
+    """A client and the id of one created and reset env."""
+    c = client(kind, name=name)
+    idx = created(c, kind)
+    do_reset(c, kind, idx)
+    return c, idx
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_root_greeting(kind):
     want = {"babyai": "BabyAI", "textcraft": "TextCraft", "sciworld": "ScienceWorld"}
@@ -123,9 +131,7 @@ def test_reset(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_reply_shape(kind):
-    c = client(kind)
-    idx = created(c, kind)
-    do_reset(c, kind, idx)
+    c, idx = started(kind)
     data = c.post("/step", json={KEY[kind]: idx, "action": "echo hi"}).json()
     want = {
         "babyai": {"observation", "reward", "score", "done", "info"},
@@ -148,9 +154,7 @@ def test_step_reply_shape(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_after_done(kind):
-    c = client(kind)
-    idx = created(c, kind)
-    do_reset(c, kind, idx)
+    c, idx = started(kind)
     c.post("/step", json={KEY[kind]: idx, "action": "win"})
     r = c.post("/step", json={KEY[kind]: idx, "action": "win"})
     assert r.status_code == 200
@@ -161,9 +165,7 @@ def test_step_after_done(kind):
 
 
 def test_babyai_score_accumulates_and_done_rules():
-    c = client("babyai", name="partial")
-    idx = created(c, "babyai")
-    do_reset(c, "babyai", idx)
+    c, idx = started("babyai", name="partial")
 
     def step(action):
         return c.post("/step", json={"id": idx, "action": action}).json()
@@ -194,9 +196,7 @@ def test_babyai_score_accumulates_and_done_rules():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_observation_route(kind):
-    c = client(kind)
-    idx = created(c, kind)
-    do_reset(c, kind, idx)
+    c, idx = started(kind)
     c.post("/step", json={KEY[kind]: idx, "action": "echo there"})
     data = c.get("/observation", params={KEY[kind]: idx}).json()
     if kind == "babyai":
@@ -211,9 +211,7 @@ def test_observation_route(kind):
 
 @pytest.mark.parametrize("kind", ["textcraft", "sciworld"])
 def test_detail_route(kind):
-    c = client(kind)
-    idx = created(c, kind)
-    do_reset(c, kind, idx)
+    c, idx = started(kind)
     info = c.get("/detail", params={"id": idx}).json()
     assert info["deleted"] is False and info["observation"] == "Task 3"
 
