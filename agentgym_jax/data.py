@@ -57,12 +57,14 @@ class TaskSampler:
             )
         self.task_ids = [int(t) for t in task_ids]
         self.batch_size, self.seed, self.group_size = batch_size, int(seed), group_size
+        # drop_remainder: an endless repeat has sys.maxsize elements, and the ceil in grain's
+        # length without it overflows an index for batch_size 1 (the stream itself is the same).
         self._dataset = (
             grain.MapDataset.source(self.task_ids)
             .seed(self.seed)
             .shuffle()
             .repeat()
-            .batch(batch_size)
+            .batch(batch_size, drop_remainder=True)
         )
         self._fingerprint = _fingerprint(self.task_ids, self.seed, batch_size, group_size)
         self._iter = iter(self._dataset)

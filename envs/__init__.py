@@ -85,18 +85,24 @@ def resolve(spec: Factory) -> Callable[..., Env]:
 
 
 def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Check env arguments by name, then by value through the factory's optional classmethod
+    ``check_kwargs(**kwargs)`` (cheap: no simulator is started), so a bad level or task fails
+    when the driver is built rather than in a worker at the first reset."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    bad = sorted(set(kwargs) - set(valid))
-    if bad:
-        raise TypeError(
-            f"env {name!r} got unknown argument(s) {bad}; valid arguments: {valid or 'none'}"
-        )
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        valid = [n for n, p in params.items() if p.kind in kinds]
+        bad = sorted(set(kwargs) - set(valid))
+        if bad:
+            raise TypeError(
+                f"env {name!r} got unknown argument(s) {bad}; valid arguments: {valid or 'none'}"
+            )
+    check = getattr(factory, "check_kwargs", None)
+    if callable(check):
+        check(**kwargs)
 
 
 def make(name: str, /, **kwargs: Any) -> Env:

@@ -107,6 +107,35 @@ def _level_id(level: str) -> str:
     raise ValueError(f"unknown BabyAI level {level!r}; valid levels: {', '.join(valid)}")
 
 
+REWARDS = ("success", "score")
+
+
+def _levels(levels: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The configured levels (None: AgentGym's 40); an explicit empty list is an error, not a
+    silent fallback to all 40."""
+    if levels is None:
+        return ALL_LEVELS
+    if isinstance(levels, str):  # `levels: GoToRedBall` in YAML means one level, not its letters
+        levels = [levels]
+    levels = tuple(levels)
+    if not levels:
+        raise ValueError(
+            "BabyAI levels is empty; name at least one (e.g. [GoToRedBallNoDists]) or leave it "
+            f"unset for AgentGym's {len(ALL_LEVELS)} levels"
+        )
+    bad = [lv for lv in levels if not isinstance(lv, str)]
+    if bad:
+        raise TypeError(f"BabyAI levels must be level names (strings); got {bad}")
+    return levels
+
+
+def _check_seeds(test_seeds: int, train_seeds: int) -> None:
+    if test_seeds < 1 or train_seeds < 1:
+        raise ValueError(
+            f"test_seeds and train_seeds must be >= 1, got {test_seeds}, {train_seeds}"
+        )
+
+
 class BabyAIEnv(Env):
     name = "babyai"
     max_turns = 20
@@ -121,9 +150,9 @@ class BabyAIEnv(Env):
         # test_seeds / train_seeds only shape the splits (see ``task_ids``); accepting them here
         # lets one ``env.kwargs`` mapping serve both ``envs.make`` and ``envs.task_ids``.
         super().__init__()
-        if reward not in ("success", "score"):
-            raise ValueError(f"reward must be one of 'success', 'score'; got {reward!r}")
-        self.levels = tuple(levels) if levels else ALL_LEVELS
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {reward!r}")
+        self.levels = _levels(levels)
         self._gym_ids = [_level_id(lv) for lv in self.levels]  # validates names up front
         self.reward_mode = reward
         self._envs: dict[str, Any] = {}  # one gym env per level, reused across resets
@@ -142,14 +171,27 @@ class BabyAIEnv(Env):
     ) -> list[int]:
         """Task ``i`` is seed ``i // n`` of level ``i % n``: the test split takes seeds
         ``[0, test_seeds)``, the train split the next ``train_seeds``, so they never overlap."""
-        if test_seeds < 1 or train_seeds < 1:
-            raise ValueError(
-                f"test_seeds and train_seeds must be >= 1, got {test_seeds}, {train_seeds}"
-            )
-        n = len(levels) if levels else len(ALL_LEVELS)
+        _check_seeds(test_seeds, train_seeds)
+        n = len(_levels(levels))
         test = check_split(split) == "test"
         lo, hi = (0, test_seeds) if test else (test_seeds, test_seeds + train_seeds)
         return list(range(lo * n, hi * n))
+
+    @classmethod
+    def check_kwargs(
+        cls,
+        levels: Sequence[str] | None = None,
+        reward: str = "success",
+        test_seeds: int = TEST_SEEDS,
+        train_seeds: int = TRAIN_SEEDS,
+    ) -> None:
+        """Validate constructor arguments by value without building any gym env."""
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {reward!r}")
+        _check_seeds(test_seeds, train_seeds)
+        if levels is not None:
+            for lv in _levels(levels):
+                _level_id(lv)
 
     def level_of(self, task_id: int) -> tuple[str, int]:
         n = len(self.levels)

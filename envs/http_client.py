@@ -89,9 +89,12 @@ class HttpEnv(Env):
         backoff: float = 0.5,
         instruction: str | None = None,
         create_body: dict | None = None,
+        train_ids: tuple[int, int] | list[int] | None = None,
+        test_ids: tuple[int, int] | list[int] | None = None,
     ) -> None:
         """base_url: the env server, e.g. "http://127.0.0.1:36001"; env_name: which AgentGym env
-        it serves (selects its dialect, parser and default instruction)."""
+        it serves (selects its dialect, parser and default instruction). train_ids / test_ids:
+        ``[start, stop)`` of the server's task ids per split (read by ``task_ids``)."""
         super().__init__()
         import httpx
 
@@ -120,10 +123,21 @@ class HttpEnv(Env):
             self.env_id = created
 
     @classmethod
-    def task_ids(cls, split: str = "train", **_: Any) -> list[int]:
-        raise TypeError(
-            "task ids of a remote env are defined by its server; pass them to TaskSampler directly"
-        )
+    def task_ids(cls, split: str = "train", train_ids=None, test_ids=None, **_: Any) -> list[int]:
+        """A remote env's task ids are its server's (AgentGym passes a data length): the split's
+        ``[start, stop)`` from ``env.kwargs.train_ids`` / ``test_ids``."""
+        bounds = {"train": train_ids, "test": test_ids}.get(split)
+        if bounds is None:
+            raise ValueError(
+                f"env http: the server's task ids for split {split!r} are unknown; set "
+                "env.kwargs.train_ids and env.kwargs.test_ids to [start, stop) of its task ids"
+            )
+        start, stop = (int(b) for b in bounds)
+        if not 0 <= start < stop:
+            raise ValueError(
+                f"env http: {split}_ids={list(bounds)} must be [start, stop), start < stop"
+            )
+        return list(range(start, stop))
 
     def instruction(self) -> str:
         return self._instruction

@@ -4,7 +4,8 @@ Task id i indexes AgentGym's game list: every variation of every task in Science
 minus tasks 5-1, 5-2, 9-1..9-3, 10-1, 10-2 (the list ships in envs/data/sciworld_games.json so
 task ids need no JVM). Splits are ScienceWorld's own train / test variations (dev ones are in
 neither). Reward = ScienceWorld score / 100 (raw score in `info["score"]`); the first observation
-is the task description followed by "look around", as AgentGym's client builds it.
+is the task description followed by "look around", as AgentGym's client builds it. `tasks=[...]`
+keeps only the given tasks in the splits (by key "4-2" or name "find-non-living-thing").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.resources
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 from envs.base import Env, Parsed, StepResult, check_split, parse_last_action
@@ -79,14 +81,47 @@ def java_version() -> int | None:
     return None
 
 
+def task_keys(tasks: Sequence[str] | str | None) -> set[str] | None:
+    """Task keys ("4-2") selected by keys or names ("find-non-living-thing"); None: all."""
+    if tasks is None:
+        return None
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    by_name = {name: key for key, name, _, _ in games()}
+    known = set(by_name.values())
+    keys, bad = set(), []
+    for t in tasks:
+        key = (t if t in known else by_name.get(t)) if isinstance(t, str) else None
+        if key is None:
+            bad.append(t)
+        else:
+            keys.add(key)
+    if bad or not keys:
+        valid = ", ".join(f"{k} {n}" for n, k in sorted(by_name.items(), key=_task_order))
+        what = f"unknown SciWorld task(s) {bad}" if bad else "SciWorld tasks is empty"
+        raise ValueError(f"{what}; valid tasks (key or name): {valid}")
+    return keys
+
+
+def _task_order(name_key: tuple[str, str]) -> tuple[int, ...]:
+    return tuple(int(p) for p in name_key[1].split("-"))
+
+
 class SciWorldEnv(Env):
     name = "sciworld"
     max_turns = 20
 
-    def __init__(self, step_limit: int = 100, gold_path: bool = False) -> None:
+    def __init__(
+        self,
+        step_limit: int = 100,
+        gold_path: bool = False,
+        tasks: Sequence[str] | None = None,
+    ) -> None:
         """step_limit: ScienceWorld's own move limit; gold_path: also generate the reference
-        solution on reset (for `gold_actions()`, slower)."""
+        solution on reset (for `gold_actions()`, slower); tasks: task keys ("4-2") or names
+        ("find-non-living-thing") the splits keep (None: all; task ids stay global)."""
         super().__init__()
+        self.check_kwargs(step_limit, gold_path, tasks)
         version = java_version()
         if version is None or version < 17:
             found = "no java on PATH" if version is None else f"java {version}"
@@ -104,9 +139,23 @@ class SciWorldEnv(Env):
         self.observation = ""
 
     @classmethod
-    def task_ids(cls, split: str = "train", **_: Any) -> list[int]:
+    def check_kwargs(
+        cls, step_limit: int = 100, gold_path: bool = False, tasks: Sequence[str] | None = None
+    ) -> None:
+        """Validate arguments by value without starting the JVM."""
+        if isinstance(step_limit, bool) or not isinstance(step_limit, int) or step_limit < 1:
+            raise ValueError(f"SciWorld step_limit must be an int >= 1, got {step_limit!r}")
+        task_keys(tasks)
+
+    @classmethod
+    def task_ids(
+        cls, split: str = "train", tasks: Sequence[str] | None = None, **_: Any
+    ) -> list[int]:
         letter = "r" if check_split(split) == "train" else "e"  # r(train), e(test), d(dev)
-        return [i for i, g in enumerate(games()) if g[3] == letter]
+        keys = task_keys(tasks)
+        return [
+            i for i, g in enumerate(games()) if g[3] == letter and (keys is None or g[0] in keys)
+        ]
 
     def instruction(self) -> str:
         return INSTRUCTION

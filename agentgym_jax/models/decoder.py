@@ -305,8 +305,15 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             args = (x, positions, inv_freq, mask, kv, cache_index)
-            if self.remat:
-                x, kv = nnx.remat(lambda lyr, *a: lyr(*a, q_block=qb))(layer, *args)
+            # Remat trades compute for activation memory in the backward pass, so only the
+            # training forward (no cache) uses it. jax.checkpoint of a pure function of the
+            # layer's state: nnx.remat writes state back and fails with TraceContextError when
+            # the model was merged under an inner trace (engine decode loop, chunked log-probs).
+            if self.remat and cache is None:
+                graphdef, state = nnx.split(layer)
+                x, kv = jax.checkpoint(lambda st, *a, g=graphdef: nnx.merge(g, st)(*a, q_block=qb))(
+                    state, *args
+                )
             else:
                 x, kv = layer(*args, q_block=qb)
             if kv is not None:

@@ -37,6 +37,40 @@ def test_registry_lists_and_errors():
         envs.register("babyai", "envs.testing:FaultEnv")
 
 
+def test_env_arguments_checked_by_value_when_the_driver_is_built(tmp_path):
+    """A bad value fails in the trainer process when the driver is built (envs._check_kwargs,
+    before anything compiles), not in a worker at the first reset; the error lists what is valid."""
+    from agentgym_jax.envs_driver import EnvDriver
+
+    def fails(name, kwargs, exc, match):
+        with pytest.raises(exc, match=match):
+            EnvDriver(name, kwargs)
+        with pytest.raises(exc, match=match):
+            envs._check_kwargs(name, envs.resolve(envs.factory_spec(name)), kwargs)
+
+    fails("babyai", {"levels": ["GoToRedBall", "Nope"]}, ValueError, "unknown BabyAI level 'Nope'")
+    fails("babyai", {"levels": ["Nope"]}, ValueError, "valid levels: .*GoToRedBallNoDists")
+    fails("babyai", {"levels": []}, ValueError, "levels is empty; name at least one")
+    fails("babyai", {"levels": [3]}, TypeError, "level names")
+    fails("babyai", {"reward": "dense"}, ValueError, "reward must be one of success, score")
+    fails("babyai", {"test_seeds": 0}, ValueError, "test_seeds")
+    fails("sciworld", {"tasks": ["boil", "bake-a-cake"]}, ValueError, r"\['bake-a-cake'\]")
+    fails("sciworld", {"tasks": ["x"]}, ValueError, "valid tasks .*1-1 boil, 1-2 melt")
+    fails("sciworld", {"tasks": []}, ValueError, "SciWorld tasks is empty")
+    fails("sciworld", {"step_limit": 0}, ValueError, "step_limit")
+    fails("searchqa", {"questions": "tfds:squad@train"}, ValueError, "tfds:natural_questions_open")
+    fails("searchqa", {"questions": str(tmp_path / "q.jsonl")}, FileNotFoundError, "questions")
+    fails("searchqa", {"top_k": 0}, ValueError, "top_k")
+    fails("textcraft", {"minecraft_dir": str(tmp_path / "no")}, FileNotFoundError, "minecraft_dir")
+    fails("webshop", {"catalogue": str(tmp_path / "c.json")}, FileNotFoundError, "catalogue")
+    # Good values pass; a single level name is one level, not its letters.
+    EnvDriver("babyai", {"levels": "GoToRedBallNoDists"}).close()
+    EnvDriver("sciworld", {"tasks": ["4-2", "boil"]}).close()
+    assert envs.task_ids("babyai", "test", levels="GoToRedBallNoDists") == list(range(10))
+    with pytest.raises(ValueError, match="levels is empty"):
+        envs.task_ids("babyai", "test", levels=[])
+
+
 def test_initial_messages_shape():
     env = envs.make("textcraft")
     obs = env.reset(0)

@@ -201,3 +201,14 @@ def test_unknown_env_and_bad_kwargs_for_server():
         create_app("fault", colour="red")
     with pytest.raises(SystemExit):
         main(["nope"])
+
+
+def test_http_task_ids_come_from_the_config():
+    from envs.http_client import HttpEnv
+
+    assert HttpEnv.task_ids("train", train_ids=[50, 53]) == [50, 51, 52]
+    assert HttpEnv.task_ids("test", train_ids=[50, 53], test_ids=[0, 2]) == [0, 1]
+    with pytest.raises(ValueError, match="env.kwargs.train_ids"):
+        HttpEnv.task_ids("test", train_ids=[50, 53])
+    with pytest.raises(ValueError, match="start < stop"):
+        HttpEnv.task_ids("train", train_ids=[5, 5])

@@ -34,3 +34,13 @@ def test_gold_walk_reaches_full_score():
         assert res.done and res.reward == 1.0 and res.info["score"] == 100.0
     finally:
         env.close()
+
+
+def test_tasks_select_split_ids_without_jvm():
+    boil = envs.task_ids("sciworld", "test", tasks=["boil"])
+    assert boil and all(games()[i][1] == "boil" for i in boil)
+    both = envs.task_ids("sciworld", "train", tasks=["1-1", "find-non-living-thing"])
+    assert {games()[i][0] for i in both} == {"1-1", "4-2"}
+    assert set(both) <= set(envs.task_ids("sciworld", "train"))  # ids stay global
+    with pytest.raises(ValueError, match="unknown SciWorld task"):
+        envs.task_ids("sciworld", "train", tasks=["4-9"])
