@@ -150,10 +150,9 @@ class BabyAIEnv(Env):
         # test_seeds / train_seeds only shape the splits (see ``task_ids``); accepting them here
         # lets one ``env.kwargs`` mapping serve both ``envs.make`` and ``envs.task_ids``.
         super().__init__()
-        if reward not in REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {reward!r}")
+        self.check_kwargs(levels, reward, test_seeds=test_seeds, train_seeds=train_seeds)
         self.levels = _levels(levels)
-        self._gym_ids = [_level_id(lv) for lv in self.levels]  # validates names up front
+        self._gym_ids = [_level_id(lv) for lv in self.levels]
         self.reward_mode = reward
         self._envs: dict[str, Any] = {}  # one gym env per level, reused across resets
         self._env: Any = None
@@ -178,20 +177,14 @@ class BabyAIEnv(Env):
         return list(range(lo * n, hi * n))
 
     @classmethod
-    def check_kwargs(
-        cls,
-        levels: Sequence[str] | None = None,
-        reward: str = "success",
-        test_seeds: int = TEST_SEEDS,
-        train_seeds: int = TRAIN_SEEDS,
-    ) -> None:
-        """Validate constructor arguments by value without building any gym env."""
+    def check_kwargs(cls, levels=None, reward: str = "success", **seeds: int) -> None:
+        """Validate constructor arguments by value without building any gym env (``seeds``:
+        test_seeds / train_seeds; their names were checked against the constructor)."""
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {reward!r}")
-        _check_seeds(test_seeds, train_seeds)
-        if levels is not None:
-            for lv in _levels(levels):
-                _level_id(lv)
+        _check_seeds(seeds.get("test_seeds", TEST_SEEDS), seeds.get("train_seeds", TRAIN_SEEDS))
+        for lv in _levels(levels):
+            _level_id(lv)
 
     def level_of(self, task_id: int) -> tuple[str, int]:
         n = len(self.levels)

@@ -51,25 +51,32 @@ def test_overrides_and_verl_aliases(tmp_path):
     assert cfg.env.kwargs == {"levels": ["GoToObj"]}
 
 
+# override(s), two spaces apart  =>  the regex the error must match
+BAD_VALUES = """\
+actor.lr=abc  =>  actor.lr
+actor.not_a_knob=1  =>  actor.not_a_knob.*allowed keys
+algorithm.adv_estimator=ppo2  =>  adv_estimator.*grpo
+model.dtype=fp8  =>  model.dtype.*bfloat16
+rollout.n=1  actor.ppo_mini_batch_size=16  =>  rollout.n >= 2
+actor.ppo_mini_batch_size=7  =>  ppo_mini_batch_size
+algorithm.rounds_ctrl.type=linear  =>  rounds_ctrl.type
+trainer.logger=[stdout]  =>  trainer.logger
+noequals  =>  dotted.key=value
+rollout.val_max_turns=-1  =>  val_max_turns
+model.attn_q_block=-8  =>  attn_q_block
+rollout.unclosed_turn_score=often  =>  unclosed_turn_score
+rollout.val_max_tokens_per_turn=-1  =>  val_max_tokens_per_turn
+rollout.temperature=0  =>  rollout.temperature=0.*val_temperature=0
+rollout.temperature=0.7  actor.temperature=1.0  =>  actor.temperature=1.0 differs
+actor.temperature=0.7  =>  actor.temperature=0.7 differs
+"""
+
+
 @pytest.mark.parametrize(
     "override,match",
     [
-        (["actor.lr=abc"], "actor.lr"),
-        (["actor.not_a_knob=1"], "actor.not_a_knob.*allowed keys"),
-        (["algorithm.adv_estimator=ppo2"], "adv_estimator.*grpo"),
-        (["model.dtype=fp8"], "model.dtype.*bfloat16"),
-        (["rollout.n=1", "actor.ppo_mini_batch_size=16"], "rollout.n >= 2"),
-        (["actor.ppo_mini_batch_size=7"], "ppo_mini_batch_size"),
-        (["algorithm.rounds_ctrl.type=linear"], "rounds_ctrl.type"),
-        (["trainer.logger=[stdout]"], "trainer.logger"),
-        (["noequals"], "dotted.key=value"),
-        (["rollout.val_max_turns=-1"], "val_max_turns"),
-        (["model.attn_q_block=-8"], "attn_q_block"),
-        (["rollout.unclosed_turn_score=often"], "unclosed_turn_score"),
-        (["rollout.val_max_tokens_per_turn=-1"], "val_max_tokens_per_turn"),
-        (["rollout.temperature=0"], "rollout.temperature=0.*val_temperature=0"),
-        (["rollout.temperature=0.7", "actor.temperature=1.0"], "actor.temperature=1.0 differs"),
-        (["actor.temperature=0.7"], "actor.temperature=0.7 differs"),
+        (row.split("  =>  ")[0].split("  "), row.split("  =>  ")[1])
+        for row in BAD_VALUES.splitlines()
     ],
 )
 def test_bad_values_name_the_key(override, match):

@@ -169,11 +169,8 @@ def test_unloadable_checkpoints_stop_unless_resume_never(model_dir, tmp_path):
     from agentgym_jax.checkpoint import NoLoadableCheckpointError
 
     out = str(tmp_path / "run")
-    extra = (
-        "trainer.total_training_steps=1",
-        "trainer.test_freq=0",
-        "trainer.async_checkpoint=false",
-    )
+    extra = ("trainer.total_training_steps=1", "trainer.test_freq=0")
+    extra += ("trainer.async_checkpoint=false",)
     train(cfg_for(model_dir, out, *extra))
     ck = os.path.join(out, "checkpoints")
     # A config change that alters the saved tree: PPO adds a critic the checkpoint lacks.
