@@ -270,11 +270,17 @@ class Trainer:
             if start >= total:
                 logger.write(f"nothing to do: checkpoint at step {start} >= {total} steps")
             elif cfg.trainer.val_before_train and start == 0:
-                m, eps = self.evaluate(0)
-                first_eval, first_score = m["eval/success_rate"], m["eval/score_mean"]
-                logger.log(0, m)
-                logger.transcripts(0, [e.transcript() for e in eps[:n_log]], "eval_rollouts")
-                logger.write(f"step 0 eval: success {first_eval:.3f}, mean score {first_score:.3f}")
+                try:
+                    with self._abandonable():
+                        m, eps = self.evaluate(0)
+                    first_eval, first_score = m["eval/success_rate"], m["eval/score_mean"]
+                    logger.log(0, m)
+                    logger.transcripts(0, [e.transcript() for e in eps[:n_log]], "eval_rollouts")
+                    logger.write(
+                        f"step 0 eval: success {first_eval:.3f}, mean score {first_score:.3f}"
+                    )
+                except _Preempted:
+                    pass  # nothing trained yet: stop below without a checkpoint
             for step in range(start + 1, total + 1):
                 sampler_state = ctx.sampler.get_state()
                 try:
@@ -305,7 +311,7 @@ class Trainer:
                     )
                 if self._agreed_stop():
                     break
-            if self._stop_signal is not None:
+            if self._stop_signal is not None and self.step_count > start:
                 self.save(force=True)
                 logger.write(
                     f"stopped by signal at step {self.step_count}; "
