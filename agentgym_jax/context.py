@@ -78,9 +78,11 @@ def engine_slots(cfg: TrainConfig, mesh: Mesh) -> int:
     return -(-slots // dp) * dp
 
 
-def load_actor(cfg: TrainConfig, mesh: Mesh | None = None) -> nnx.Module:
+def load_actor(cfg: TrainConfig, mesh: Mesh | None = None, *, critic: bool = False):
+    """The actor (or, with ``critic``, the value model) from ``model.path`` as the config says."""
     m = cfg.model
-    return from_pretrained(
+    load = critic_from_pretrained if critic else from_pretrained
+    return load(
         resolve_model_path(m.path),
         dtype_from_name(m.dtype),
         mesh,
@@ -150,14 +152,7 @@ def build_context(cfg: TrainConfig, purpose: Literal["train", "eval"] = "train")
     actor_state = U.init_train_state(actor, U.make_optimizer(cfg.actor), mesh)
     critic_state = None
     if cfg.uses_critic:
-        critic = critic_from_pretrained(
-            model_dir,
-            dtype_from_name(cfg.model.dtype),
-            mesh,
-            param_dtype=dtype_from_name(cfg.model.param_dtype),
-            remat=cfg.model.remat,
-            attn_q_block=cfg.model.attn_q_block,
-        )
+        critic = load_actor(cfg, mesh, critic=True)
         critic_state = U.init_train_state(critic, U.make_optimizer(cfg.critic), mesh)
     ctx.checkpointer = checkpointer_for(cfg)
     ctx.learner = Learner(cfg, mesh, actor_state, critic_state)
