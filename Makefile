@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# The demo and the tests run on the CPU; libtpu (test extra, for `plan`) would otherwise look
+# for TPU chips in every process and warn. Benchmarks use whatever accelerator is there.
+demo test test-all: export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test test-all lint format bench clean
 

@@ -1,8 +1,9 @@
-"""``agentgym-jax`` command line: train | eval | export | serve-env | plot | pretrain-tiny | envs | generate."""
+"""``agentgym-jax`` command line: train | eval | export | plan | serve-env | plot | pretrain-tiny | envs | generate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -148,6 +149,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Ahead-of-time compile a config's step functions for a TPU slice; memory and fit report."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiles target the TPU description only
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from agentgym_jax import plan
+
+    extra = [f"model.path={args.model}"] if args.model else []
+    cfg = _load(args, extra)
+    mesh_given = any(o.startswith("mesh.") for o in args.overrides)
+    only = tuple(args.only.split(",")) if args.only else None
+    report = plan.plan(cfg, args.topology, suggest_mesh=not mesh_given, only=only)
+    print(report.format())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if report.fits else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="agentgym-jax",
@@ -175,6 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tasks", type=int, help="held-out tasks (default data.val_batch_size)")
     p.add_argument("--split", default=None, help="task split (default env.test_split)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser(
+        "plan",
+        help="compile a config's step for a TPU slice from this host: per-device memory, fits?",
+        description="Builds abstract state from the model config alone (no weights) and compiles "
+        "engine prefill/append/decode, the log-prob pass and the actor/critic updates ahead of "
+        "time for the slice. Without mesh.* overrides it suggests a mesh (the first that fits). "
+        "Exit status 3 when it does not fit.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--topology",
+        default="v5e-4",
+        help="TPU slice: v5e-16, v4-32, v5p-8, ... or a topology name such as v5e:4x4",
+    )
+    p.add_argument(
+        "--model",
+        help="model shapes: a local dir / config.json, or a built-in name (Qwen2.5-7B, "
+        "Qwen2.5-3B, Qwen2.5-1.5B, Qwen2.5-0.5B, Qwen3-4B, Qwen3-8B, Llama-3.1-8B)",
+    )
+    p.add_argument("--only", help="comma-separated subset of functions to compile")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("export", help="write the trained actor as a HF safetensors directory")
     _add_config_args(p)

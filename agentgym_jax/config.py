@@ -31,8 +31,17 @@ class ModelSection:
     """Compute dtype (bfloat16 on TPU/GPU, float32 on CPU)."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the trained parameters (master weights)."""
-    remat: bool = False
-    """Recompute each layer in the backward pass (activation memory for compute)."""
+    remat: Literal["none", "full", "dots"] | bool = "none"
+    """Recomputation in the backward pass, trading compute for activation memory: ``none``,
+  ``full`` (each layer recomputed) or ``dots`` (keep the matmul outputs, recompute the rest).
+  ``true`` / ``false`` mean full / none."""
+    logits_chunk: int = 0
+    """Positions per LM-head chunk in the update and log-prob passes: the [B, T, vocab] logits
+  are never whole, and the backward pass recomputes each chunk (0 = no chunking). 1024 keeps a
+  150k-vocabulary model's logits to a few hundred MB per sequence."""
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+    """Attention kernel of the passes over whole sequences (update, log-probs): ``splash`` (TPU
+  Pallas), ``cudnn`` (GPU), ``xla`` (any backend), ``auto`` = the one for the backend."""
     attn_q_block: int = 128
     """Query block of causal attention over whole sequences (update, log-probs): blocks only read
   keys up to their end, halving the work; 0 = one block."""
@@ -254,6 +263,10 @@ class TrainConfig:
             raise ConfigError(
                 f"rollout: need val_max_turns >= 0, num_slots >= 0, val_n >= 1; got "
                 f"{r.val_max_turns}, {r.num_slots}, {r.val_n}"
+            )
+        if self.model.logits_chunk < 0:
+            raise ConfigError(
+                f"model.logits_chunk must be >= 0 (0 = no chunking), got {self.model.logits_chunk}"
             )
         if self.model.attn_q_block < 0:
             raise ConfigError(

@@ -89,6 +89,8 @@ def load_actor(cfg: TrainConfig, mesh: Mesh | None = None, *, critic: bool = Fal
         param_dtype=dtype_from_name(m.param_dtype),
         remat=m.remat,
         attn_q_block=m.attn_q_block,
+        attention=m.attention,
+        logits_chunk=m.logits_chunk,
     )
 
 

@@ -29,7 +29,7 @@ class SlotState:
     """Device state of the slot batch (the part that jitted steps replace and donate)."""
 
     cache: KVCache
-    """Per-layer [slots, max_len, kv_heads, head_dim] keys and values."""
+    """[layers, slots, max_len, kv_heads, head_dim] keys and values."""
     length: jax.Array
     """[S] int32: tokens encoded in the cache (the pending token is at position ``length``)."""
     pending: jax.Array
@@ -91,10 +91,10 @@ def extend(
     (static) bounds the cache entries attention reads; it must cover every ``start + count``.
     """
     cache = state.cache
-    sub = cache.map(lambda c: jnp.take(c, slot_ids, axis=0, mode="fill", fill_value=0))
+    sub = cache.take_slots(slot_ids)
     # The LM head is skipped: only the cache matters (the last token stays pending).
     _, sub = model.hidden_states(tokens, cache=sub, cache_index=start, attend_len=attend_len)
-    cache = jax.tree.map(lambda c, n: c.at[slot_ids].set(n, mode="drop"), cache, sub)
+    cache = cache.set_slots(slot_ids, sub)
     fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(0), s)))(seeds)
     old_rng = jnp.take(state.rng, slot_ids, axis=0, mode="fill", fill_value=0)
     rng = jnp.where(new_rng[:, None], fresh.astype(jnp.uint32), old_rng)

@@ -139,11 +139,25 @@ class Engine:
         config: EngineConfig,
         mesh: Mesh | None = None,
         rules=shd.DEFAULT_RULES,
+        *,
+        abstract: bool = False,
     ):
+        """``abstract``: ``model`` is abstract (``nnx.eval_shape``) and nothing is allocated; params
+        and slot state are shape/sharding stand-ins for lowering the jitted steps ahead of time
+        (``agentgym-jax plan``). Needs a mesh."""
         config.validate()
         self.config, self.mesh, self._rules = config, mesh, rules
         self.graphdef, params = nnx.split(model)
-        if mesh is not None:
+        if abstract:
+            if mesh is None:
+                raise ValueError("Engine(abstract=True) needs a mesh")
+            shardings = shd.state_shardings(params, mesh, rules)
+            params = jax.tree.map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                params,
+                shardings,
+            )
+        elif mesh is not None:
             params = jax.device_put(params, shd.state_shardings(params, mesh, rules))
         self.params = params
         self.num_compiles = 0
@@ -152,7 +166,16 @@ class Engine:
         self._finished: dict[int, TurnResult] = {}
         self._cache_cfg = (model.config, config.cache_dtype or model.dtype)
         self._state_sharding = self.slot_state_sharding(config.num_slots, config.max_len)
-        self.state = jax.device_put(self.new_slot_state(), self._state_sharding)
+        if abstract:
+            self.state = jax.tree.map(
+                lambda sh, sub: jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub
+                ),
+                self._state_sharding,
+                jax.eval_shape(self.new_slot_state),
+            )
+        else:
+            self.state = jax.device_put(self.new_slot_state(), self._state_sharding)
         self._build_jits()
 
     # ---- slot-state layout (also used by the JetStream adapter) ----
@@ -172,8 +195,15 @@ class Engine:
         mcfg = self._cache_cfg[0]
         if self.mesh is not None:
             mesh, rules = self.mesh, self._rules
-            shape = (num_slots, max_len, mcfg.num_key_value_heads, mcfg.head_dim)
-            kv = shd.sharding_for(("slots", "length", "kv_heads", "head_dim"), shape, mesh, rules)
+            shape = (
+                mcfg.num_hidden_layers,
+                num_slots,
+                max_len,
+                mcfg.num_key_value_heads,
+                mcfg.head_dim,
+            )
+            axes = ("layers", "slots", "length", "kv_heads", "head_dim")
+            kv = shd.sharding_for(axes, shape, mesh, rules)
             per_slot = shd.sharding_for(("slots",), (num_slots,), mesh, rules)
             rng = NamedSharding(mesh, P(*per_slot.spec, None))
         else:
@@ -224,6 +254,41 @@ class Engine:
             out_shardings=(so, None),
         )
         self._peek = jax.jit(functools.partial(peek, g))
+
+    def lower_steps(self, append_len: int = 128) -> dict[str, Any]:
+        """The jitted prefill / append / decode, lowered (not compiled) at their worst-case
+        shapes: the largest prefill bucket, an ``append_len``-token env reply, one decode chunk,
+        each reading the whole cache. For ahead-of-time compiles and memory reports."""
+        cfg, s = self.config, self.num_slots
+        rep = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+
+        def arr(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
+        def write_args(t):
+            r = self._rows(t)
+            i32 = functools.partial(arr, dtype=jnp.int32)
+            return (i32((r,)), i32((r, t)), i32((r,)), i32((r,)), i32((r,)),
+                    arr((r,), jnp.uint32), arr((r,), jnp.bool_))  # fmt: skip
+
+        ctrl = core.DecodeControl(
+            active=arr((s,), jnp.bool_),
+            budget=arr((s,), jnp.int32),
+            stop_ids=arr((s, cfg.max_stop_ids), jnp.int32),
+            sampling=SamplingParams(
+                temperature=arr((s,), jnp.float32),
+                top_p=arr((s,), jnp.float32),
+                top_k=arr((s,), jnp.int32),
+            ),
+            watch=arr((s,), jnp.bool_),
+            return_on_first=arr((), jnp.bool_),
+        )
+        full, p, st = cfg.max_len, self.params, self.state
+        return {
+            "prefill": self._extend.lower(p, st, full, *write_args(self._bucket(cfg.max_len))),
+            "append": self._extend.lower(p, st, full, *write_args(self._bucket(append_len))),
+            "decode": self._decode.lower(p, st, ctrl, cfg.decode_chunk, full),
+        }
 
     # ---- slot queries ----
     @property

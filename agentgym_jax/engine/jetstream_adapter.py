@@ -179,7 +179,7 @@ class JetStreamAdapter:
         def insert(prefix, state, slot):
             s, z = state.slots, jnp.int32(0)
             cache = jax.tree.map(
-                lambda c, p: jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (slot, z, z, z)),
+                lambda c, p: jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (z, slot, z, z, z)),
                 s.cache,
                 prefix.cache,
             )

@@ -1,7 +1,8 @@
 """Flax NNX decoder for the Qwen2 / Qwen2.5 / Qwen3 / Llama 3.x family, and its value-head critic.
 
-Every parameter carries logical axis names in its ``axes`` metadata (``vocab``, ``embed``,
-``heads``, ``kv_heads``, ``mlp``, ``norm``); ``agentgym_jax.sharding`` maps them to mesh axes.
+Every parameter carries logical axis names in its ``axes`` metadata (``layers``, ``vocab``,
+``embed``, ``heads``, ``kv_heads``, ``mlp``, ``norm``); ``agentgym_jax.sharding`` maps them to mesh
+axes. The decoder layers are one stacked module (``Transformer.layers``, leading ``layers`` dim).
 Linear kernels are stored [in, out] (HF stores [out, in]; import/export transposes).
 
 The forward pass takes an optional external KV cache (``KVCache``): new keys/values are written at
@@ -11,47 +12,53 @@ That is the hook the engine uses for prefill, multi-turn ``append`` and decode.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from agentgym_jax.models import attention as attn
+from agentgym_jax.models.attention import causal_attention, grouped_softmax
 from agentgym_jax.models.config import ModelConfig
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values, layer-major: ``k[layer]`` is [batch (slots), max_len, kv_heads, head_dim].
+    """Keys and values of every layer: ``k`` is [layers, slots, max_len, kv_heads, head_dim].
 
-    One buffer per layer (a tuple, not a stacked [layers, ...] array): a decode step scatters
-    into each layer's buffer in place, while a stacked cache makes XLA copy it (~3x slower).
+    Stacked like the layers' parameters, so the layers can run under one ``lax.scan`` with the
+    cache in its carry (updated in place): compile time does not grow with depth.
     """
 
-    k: tuple
-    v: tuple
+    k: jax.Array
+    v: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        n = cfg.num_hidden_layers
-        return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-        )
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k.shape[2]
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[0]
+        return self.k.shape[1]
 
-    def map(self, fn) -> KVCache:
-        """Apply ``fn`` to every layer's k and v buffer."""
-        return KVCache(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v))
+    def take_slots(self, slot_ids: jax.Array) -> KVCache:
+        """The rows of ``slot_ids`` (ids out of range read as zeros)."""
+        take = lambda c: jnp.take(c, slot_ids, axis=1, mode="fill", fill_value=0)  # noqa: E731
+        return KVCache(k=take(self.k), v=take(self.v))
+
+    def set_slots(self, slot_ids: jax.Array, rows: KVCache) -> KVCache:
+        """Write ``rows`` back at ``slot_ids`` (out-of-range ids are dropped)."""
+        put = lambda c, n: c.at[:, slot_ids].set(n.astype(c.dtype), mode="drop")  # noqa: E731
+        return KVCache(k=put(self.k, rows.k), v=put(self.v, rows.v))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -90,7 +97,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rot * sin).astype(x.dtype)
 
 
-def _param(rngs: nnx.Rngs, shape, axes, param_dtype, init="normal", std=0.02):
+def _param(rngs: nnx.Rngs, shape, axes, param_dtype, init="normal", std=0.02, stack=0):
+    """A parameter with logical ``axes``; ``stack`` > 0 prepends a ``layers`` dim of that size."""
+    if stack:
+        shape, axes = (stack, *shape), ("layers", *axes)
     if init == "ones":
         value = jnp.ones(shape, param_dtype)
     elif init == "zeros":
@@ -100,9 +110,21 @@ def _param(rngs: nnx.Rngs, shape, axes, param_dtype, init="normal", std=0.02):
     return nnx.Param(value, axes=axes)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """What every layer's attention needs besides its input (shared by all layers)."""
+
+    impl: str = "xla"
+    q_block: int = 0
+    mesh: Any = None
+    segment_ids: jax.Array | None = None  # [B, T] without a cache
+    mask: jax.Array | None = None  # [B, T, S] with a cache
+    cache_index: jax.Array | None = None
+
+
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="ones")
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, param_dtype=jnp.float32, stack=0):
+        self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="ones", stack=stack)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,9 +136,15 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias), kernel [in, out] with logical axes."""
 
-    def __init__(self, d_in, d_out, axes, *, bias: bool, rngs: nnx.Rngs, param_dtype, dtype):
-        self.kernel = _param(rngs, (d_in, d_out), axes, param_dtype)
-        self.bias = _param(rngs, (d_out,), axes[1:], param_dtype, init="zeros") if bias else None
+    def __init__(
+        self, d_in, d_out, axes, *, bias: bool, rngs: nnx.Rngs, param_dtype, dtype, stack=0
+    ):
+        self.kernel = _param(rngs, (d_in, d_out), axes, param_dtype, stack=stack)
+        self.bias = (
+            _param(rngs, (d_out,), axes[1:], param_dtype, init="zeros", stack=stack)
+            if bias
+            else None
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,27 +155,28 @@ class Linear(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype, dtype, stack=0):
         e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, stack=stack)
         self.q_proj = Linear(e, h * d, ("embed", "heads"), bias=cfg.attention_bias, **kw)
         self.k_proj = Linear(e, k * d, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
         self.v_proj = Linear(e, k * d, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
         self.o_proj = Linear(h * d, e, ("heads", "embed"), bias=False, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
+            nkw = dict(rngs=rngs, param_dtype=param_dtype, stack=stack)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **nkw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **nkw)
         else:
             self.q_norm = self.k_norm = None
         self.n_heads, self.n_kv, self.head_dim = h, k, d
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, q_block=0):
-        """x [B,T,E]; mask [B,T,S] bool (query t may see key s); kv: this layer's (k, v) cache.
+    def __call__(self, x, positions, inv_freq, ctx: _Ctx, kv=None, layer=None):
+        """x [B,T,E] -> ([B,T,E], updated (k, v) cache or None).
 
-        With a cache, queries see its first S = mask.shape[-1] entries (the caller bounds S by the
-        longest live sequence, so short sequences in a long cache do not pay for its full length).
-        Without one, ``q_block`` > 0 runs causal attention in query blocks that only read the keys
-        up to the block's end: half the work, and blocks small enough to stay in cache.
+        With ``kv`` (every layer's stacked cache) and this layer's index ``layer``, new keys and
+        values are written at ``ctx.cache_index`` and queries see the first S =
+        ``ctx.mask.shape[-1]`` entries (the caller bounds S by the longest live sequence).
+        Without, causal attention over the batch by ``ctx.impl``.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
@@ -156,55 +185,31 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_kv = None
         if kv is not None:
             # mode="drop": a write past max_len is discarded instead of being clamped onto (and
             # corrupting) earlier entries, as dynamic_update_slice would do.
             ck, cv = kv
-            idx = cache_index[:, None] + jnp.arange(t)[None, :]
+            idx = ctx.cache_index[:, None] + jnp.arange(t)[None, :]
             rows = jnp.arange(b)[:, None]
-            ck = ck.at[rows, idx].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[rows, idx].set(v.astype(cv.dtype), mode="drop")
-            s_len = mask.shape[-1]
-            k_all, v_all, new_kv = (
-                ck[:, :s_len].astype(x.dtype),
-                cv[:, :s_len].astype(x.dtype),
-                (ck, cv),
-            )
-            out = self._attend(q, k_all, v_all, mask)
-        elif q_block and t > q_block:
-            new_kv = None
-            out = jnp.concatenate(
-                [
-                    self._attend(
-                        q[:, i : i + q_block],
-                        k[:, : i + q_block],
-                        v[:, : i + q_block],
-                        mask[:, i : i + q_block, : i + q_block],
-                    )
-                    for i in range(0, t, q_block)
-                ],
-                axis=1,
-            )
+            ck = ck.at[layer, rows, idx].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[layer, rows, idx].set(v.astype(cv.dtype), mode="drop")
+            s_len = ctx.mask.shape[-1]
+            window = (1, b, s_len, self.n_kv, self.head_dim)
+            read = lambda c: jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), window)[0]  # noqa: E731
+            k_all, v_all = read(ck).astype(x.dtype), read(cv).astype(x.dtype)
+            out, new_kv = grouped_softmax(q, k_all, v_all, ctx.mask), (ck, cv)
         else:
-            new_kv = None
-            out = self._attend(q, k, v, mask)
-        return self.o_proj(out), new_kv
-
-    def _attend(self, q, k, v, mask):
-        """Grouped-query softmax attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H*D]."""
-        b, t = q.shape[:2]
-        qg = q.reshape(b, t, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        logits = logits / math.sqrt(self.head_dim)
-        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-        return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.n_heads * self.head_dim)
+            out = causal_attention(
+                q, k, v, ctx.segment_ids, impl=ctx.impl, q_block=ctx.q_block, mesh=ctx.mesh
+            )
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), new_kv
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype, dtype, stack=0):
         e, m = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=cfg.mlp_bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        kw = dict(bias=cfg.mlp_bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype, stack=stack)
         self.gate_proj = Linear(e, m, ("embed", "mlp"), **kw)
         self.up_proj = Linear(e, m, ("embed", "mlp"), **kw)
         self.down_proj = Linear(m, e, ("mlp", "embed"), **kw)
@@ -214,24 +219,44 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype, dtype):
-        kw = dict(rngs=rngs, param_dtype=param_dtype)
+    """One decoder layer; with ``stack`` = L, every parameter holds all L layers (leading dim)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype, dtype, stack=0):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, stack=stack)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, dtype=dtype, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, dtype=dtype, **kw)
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, q_block=0):
-        h, new_kv = self.self_attn(
-            self.input_layernorm(x), positions, inv_freq, mask, kv, cache_index, q_block
-        )
+    def __call__(self, x, positions, inv_freq, ctx: _Ctx, kv=None, layer=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, ctx, kv, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _remat_policy(remat: bool | str) -> str:
+    """Normalise ``remat`` (older configs use a bool: True = full)."""
+    if remat is True:
+        return "full"
+    if remat is False or remat is None:
+        return "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    return remat
+
+
 class Transformer(nnx.Module):
-    """Decoder backbone + LM head. ``model(ids, attention_mask=...)`` -> logits [B, T, V]."""
+    """Decoder backbone + LM head. ``model(ids, attention_mask=...)`` -> logits [B, T, V].
+
+    The layers' parameters are stacked (a leading ``layers`` logical axis) and every forward
+    pass runs them under ``lax.scan``: one layer is traced and compiled, however deep the model.
+    Through a KV cache (the engine), the stacked cache rides in the scan's carry, so each layer
+    writes its new entries in place.
+    """
 
     def __init__(
         self,
@@ -240,21 +265,28 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = "none",
         attn_q_block: int = 128,
+        attention: str = "auto",
+        mesh: Any = None,
+        logits_chunk: int = 0,
     ):
         self.config = cfg
         self.dtype = dtype
-        self.remat = remat
-        # Query block of causal attention over whole sequences (training, scoring); 0 = one block.
+        # Recomputation in the backward pass: none, full (each layer), dots (keep matmul outputs).
+        self.remat = _remat_policy(remat)
+        # Query block of the XLA causal attention over whole sequences; 0 = one block.
         self.attn_q_block = attn_q_block
+        self.attention = attn.resolve(attention)
+        # The mesh the splash kernel is shard_mapped over (None: unsharded).
+        self.mesh = mesh
+        # Positions per LM-head chunk in the training log-prob passes (0 = one chunk).
+        self.logits_chunk = logits_chunk
         kw = dict(rngs=rngs, param_dtype=param_dtype)
         self.embed_tokens = _param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype
         )
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, **kw) for _ in range(cfg.num_hidden_layers)]
-        )
+        self.layers = DecoderLayer(cfg, dtype=dtype, stack=cfg.num_hidden_layers, **kw)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if cfg.tie_word_embeddings:
             self.lm_head = None
@@ -272,11 +304,14 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         attend_len: int | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, E] and the updated cache (None without a cache).
 
         Without a cache: causal attention within the batch; ``attention_mask`` [B, T] marks real
-        tokens (left or right padding) and positions come from it.
+        tokens (left or right padding) and positions come from it. ``segment_ids`` [B, T] (0 =
+        padding) instead packs several sequences per row: a token sees only its own segment, and
+        ``positions`` must then be given per segment.
         With a cache: token t of row b is written at ``cache_index[b] + t`` and sees cache entries
         ``<= cache_index[b] + t``; ``positions`` defaults to those indices. ``attend_len`` (static)
         bounds the cache entries read: the caller guarantees every ``cache_index[b] + t`` is below it
@@ -284,44 +319,49 @@ class Transformer(nnx.Module):
         """
         b, t = input_ids.shape
         inv_freq = rope_inv_freq(self.config)
-        if cache is None:
-            if attention_mask is None:
-                attention_mask = jnp.ones((b, t), jnp.int32)
-            if positions is None:
-                positions = positions_from_mask(attention_mask)
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & (attention_mask[:, None, :] > 0)
-        else:
-            if cache_index is None:
-                raise ValueError("cache_index [B] is required when a KV cache is passed")
-            q_pos = cache_index[:, None] + jnp.arange(t)[None, :]
-            if positions is None:
-                positions = q_pos
-            s_len = cache.max_len if attend_len is None else min(int(attend_len), cache.max_len)
-            mask = jnp.arange(s_len)[None, None, :] <= q_pos[:, :, None]
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-        new_k, new_v = [], []
-        qb = self.attn_q_block
-        for i, layer in enumerate(self.layers):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            args = (x, positions, inv_freq, mask, kv, cache_index)
-            # Remat trades compute for activation memory in the backward pass, so only the
-            # training forward (no cache) uses it. jax.checkpoint of a pure function of the
-            # layer's state: nnx.remat writes state back and fails with TraceContextError when
-            # the model was merged under an inner trace (engine decode loop, chunked log-probs).
-            if self.remat and cache is None:
-                graphdef, state = nnx.split(layer)
-                x, kv = jax.checkpoint(lambda st, *a, g=graphdef: nnx.merge(g, st)(*a, q_block=qb))(
-                    state, *args
-                )
-            else:
-                x, kv = layer(*args, q_block=qb)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        x = self.norm(x)
-        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
-        return x, new_cache
+        graphdef, stack = nnx.split(self.layers)
+        if cache is None:
+            if segment_ids is None:
+                if attention_mask is None:
+                    attention_mask = jnp.ones((b, t), jnp.int32)
+                segment_ids = (attention_mask > 0).astype(jnp.int32)
+                if positions is None:
+                    positions = positions_from_mask(attention_mask)
+            elif positions is None:
+                raise ValueError("packed rows (segment_ids) need per-segment positions")
+            ctx = _Ctx(self.attention, self.attn_q_block, self.mesh, segment_ids=segment_ids)
+
+            def body(h, layer_state):
+                h, _ = nnx.merge(graphdef, layer_state)(h, positions, inv_freq, ctx)
+                return h, None
+
+            if self.remat == "full":
+                body = jax.checkpoint(body, prevent_cse=False)
+            elif self.remat == "dots":
+                policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, stack)
+            return self.norm(x), None
+
+        if cache_index is None:
+            raise ValueError("cache_index [B] is required when a KV cache is passed")
+        q_pos = cache_index[:, None] + jnp.arange(t)[None, :]
+        if positions is None:
+            positions = q_pos
+        s_len = cache.max_len if attend_len is None else min(int(attend_len), cache.max_len)
+        mask = jnp.arange(s_len)[None, None, :] <= q_pos[:, :, None]
+        ctx = _Ctx(mask=mask, cache_index=cache_index)
+
+        def cached(carry, xs):
+            h, ck, cv = carry
+            layer_state, i = xs
+            h, (ck, cv) = nnx.merge(graphdef, layer_state)(h, positions, inv_freq, ctx, (ck, cv), i)
+            return (h, ck, cv), None
+
+        layer_ids = jnp.arange(self.config.num_hidden_layers)
+        (x, k, v), _ = jax.lax.scan(cached, (x, cache.k, cache.v), (stack, layer_ids))
+        return self.norm(x), KVCache(k=k, v=v)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
@@ -336,6 +376,7 @@ class Transformer(nnx.Module):
         cache=None,
         cache_index=None,
         attend_len=None,
+        segment_ids=None,
     ):
         """Logits [B, T, V] (float32); with a cache, returns (logits, new_cache)."""
         h, new_cache = self.hidden_states(
@@ -345,6 +386,7 @@ class Transformer(nnx.Module):
             cache=cache,
             cache_index=cache_index,
             attend_len=attend_len,
+            segment_ids=segment_ids,
         )
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
@@ -361,7 +403,9 @@ class Critic(nnx.Module):
         self.value_head = _param(rngs, (e, 1), ("embed", None), jnp.float32, init="zeros")
         self.value_bias = _param(rngs, (1,), (None,), jnp.float32, init="zeros")
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None):
-        h, _ = self.backbone.hidden_states(input_ids, attention_mask, positions=positions)
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        h, _ = self.backbone.hidden_states(
+            input_ids, attention_mask, positions=positions, segment_ids=segment_ids
+        )
         v = jnp.dot(h.astype(jnp.float32), self.value_head[...]) + self.value_bias[...]
         return v[..., 0]

@@ -120,15 +120,20 @@ def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
     return files
 
 
-def _hf_name(path: tuple) -> tuple[str, bool]:
-    """Our state path -> (HF tensor name, whether to transpose)."""
+def _hf_name(path: tuple, layer: int | None = None) -> tuple[str, bool]:
+    """Our state path -> (HF tensor name, whether to transpose). Stacked-layer params
+    (``layers.<module>...``) name the HF tensor of ``layer``."""
     parts = [str(p) for p in path]
     leaf = parts[-1]
     if parts[0] == "lm_head":
         return "lm_head.weight", True
-    prefix = "model." + ".".join(parts[:-1])
     if parts[0] == "embed_tokens":
         return "model.embed_tokens.weight", False
+    if parts[0] == "layers":
+        if layer is None:
+            raise ValueError(f"{'.'.join(parts)} is stacked over layers: a layer index is needed")
+        parts = ["layers", str(layer), *parts[1:]]
+    prefix = "model." + ".".join(parts[:-1])
     if leaf == "kernel":
         return prefix + ".weight", True
     if leaf == "scale":
@@ -136,6 +141,35 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     if leaf == "bias":
         return prefix + ".bias", False
     raise KeyError(f"no HF name for parameter {'.'.join(parts)}")
+
+
+def _hf_names(path: tuple, num_layers: int) -> tuple[list[str], bool]:
+    """HF tensor names behind one of our params: one per layer for the stacked layers."""
+    if str(path[0]) == "layers":
+        names = [_hf_name(path, i)[0] for i in range(num_layers)]
+        return names, _hf_name(path, 0)[1]
+    name, transpose = _hf_name(path)
+    return [name], transpose
+
+
+class _LayerStack:
+    """Reads slices of a [layers, ...] parameter from its per-layer HF tensors, lazily: a device
+    reading its shard touches only the layers and rows it holds."""
+
+    def __init__(self, sources: list, transpose: bool):
+        self.sources, self.transpose = sources, transpose
+        first = sources[0].T if transpose else sources[0]
+        self.shape = (len(sources), *first.shape)
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        layers = range(len(self.sources))[idx[0]] if idx else range(len(self.sources))
+        rest = idx[1:]
+        out = []
+        for i in layers:
+            src = self.sources[i].T if self.transpose else self.sources[i]
+            out.append(np.asarray(src[rest]))
+        return np.stack(out)
 
 
 def _iter_params(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
@@ -150,14 +184,17 @@ def from_pretrained(
     *,
     param_dtype=None,
     rules=shd.DEFAULT_RULES,
-    remat: bool = False,
+    remat: bool | str = "none",
     attn_q_block: int = 128,
+    attention: str = "auto",
+    logits_chunk: int = 0,
 ) -> Transformer:
     """Load a local HF directory (config.json + safetensors) into a ``Transformer``.
 
     ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (default: ``dtype``).
     With ``mesh``, each parameter is created directly with its logical-axis sharding.
-    ``remat`` and ``attn_q_block`` are passed to ``Transformer``.
+    ``remat``, ``attn_q_block``, ``attention`` and ``logits_chunk`` are passed to
+    ``Transformer`` (with the mesh, which the splash kernel is shard_mapped over).
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_pretrained(path)
@@ -170,6 +207,9 @@ def from_pretrained(
             param_dtype=param_dtype,
             remat=remat,
             attn_q_block=attn_q_block,
+            attention=attention,
+            mesh=mesh,
+            logits_chunk=logits_chunk,
         )
     )
     graphdef, abs_state = nnx.split(abstract)
@@ -178,18 +218,26 @@ def from_pretrained(
     single = NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ("x",)), P())
     flat = []
     for p, var in _iter_params(abs_state):
-        name, transpose = _hf_name(p)
-        if name not in tensors:
-            raise KeyError(
-                f"{path}: checkpoint has no tensor {name!r} (needed for {'.'.join(map(str, p))})"
-            )
-        used.add(name)
-        src = tensors[name].get(name)
-        src = src.T if transpose else src
+        names, transpose = _hf_names(p, cfg.num_hidden_layers)
+        for name in names:
+            if name not in tensors:
+                raise KeyError(
+                    f"{path}: checkpoint has no tensor {name!r} "
+                    f"(needed for {'.'.join(map(str, p))})"
+                )
+        used.update(names)
+        srcs = [tensors[n].get(n) for n in names]
+        if str(p[0]) == "layers":
+            shapes = {tuple(x.shape) for x in srcs}
+            if len(shapes) > 1:
+                raise ValueError(f"{path}: layers disagree on the shape of {names[0]!r}: {shapes}")
+            src = _LayerStack(srcs, transpose)
+        else:
+            src = srcs[0].T if transpose else srcs[0]
         want = tuple(var.get_value().shape)
         if tuple(src.shape) != want:
             raise ValueError(
-                f"{path}: tensor {name!r} has shape {tuple(src.shape)}, model expects {want}"
+                f"{path}: tensor {names[0]!r} has shape {tuple(src.shape)}, model expects {want}"
             )
         axes = var.get_metadata().get("axes")
         sharding = shd.sharding_for(axes, want, mesh, rules) if mesh is not None else single
@@ -235,11 +283,13 @@ def save_pretrained(
     cfg = model.config
     tensors: dict[str, np.ndarray] = {}
     for p, var in _iter_params(nnx.state(model, nnx.Param)):
-        name, transpose = _hf_name(p)
+        names, transpose = _hf_names(p, cfg.num_hidden_layers)
         arr = _host(var.get_value())
         if dtype is not None:
             arr = arr.astype(np.dtype(dtype))
-        tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+        per_layer = list(arr) if str(p[0]) == "layers" else [arr]
+        for name, a in zip(names, per_layer, strict=True):
+            tensors[name] = np.ascontiguousarray(a.T if transpose else a)
     out_dtype = next(iter(tensors.values())).dtype
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(

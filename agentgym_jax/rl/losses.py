@@ -67,6 +67,30 @@ def sequence_logprobs(logits: Array, input_ids: Array, with_entropy: bool = Fals
     return lp, shift_right(entropy_from_logits(logits))
 
 
+def chunked_sequence_logprobs(head, hidden: Array, input_ids: Array, chunk: int):
+    """``sequence_logprobs(head(hidden), input_ids, with_entropy=True)`` without the [B, T, V]
+    logits: the LM head and log-softmax run over ``chunk`` positions at a time, and the backward
+    pass recomputes each chunk's logits (at a 150k vocabulary, the logits and their gradient are
+    most of an update's memory). ``head``: hidden [B, c, E] -> float32 logits [B, c, V]."""
+    b, t, e = hidden.shape
+    if not chunk or t <= chunk:
+        return sequence_logprobs(head(hidden), input_ids, with_entropy=True)
+    nxt = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    pad = -t % chunk
+    n = (t + pad) // chunk
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
+    nx = jnp.pad(nxt, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        logits = head(args[0])
+        return token_logprobs(logits, args[1]), entropy_from_logits(logits)
+
+    lp, ent = jax.lax.map(one, (h, nx))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]  # noqa: E731
+    return shift_right(unchunk(lp)), shift_right(unchunk(ent))
+
+
 # --------------------------------------------------------------------------------------------
 # aggregation
 

@@ -108,9 +108,17 @@ def init_train_state(
 # forward passes
 
 
-def _logits(graphdef, params, ids, mask, temperature):
-    logits = nnx.merge(graphdef, params)(ids, mask)
-    return logits if temperature == 1.0 else logits / temperature
+def _logprobs(graphdef, params, ids, mask, temperature):
+    """(log-probs, entropy) [B, T] of ``ids``; the LM head in chunks of the model's
+    ``logits_chunk`` positions (0: all at once)."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(ids, mask)
+
+    def head(h):
+        logits = model.logits(h)
+        return logits if temperature == 1.0 else logits / temperature
+
+    return L.chunked_sequence_logprobs(head, hidden, ids, getattr(model, "logits_chunk", 0))
 
 
 def _chunked(fn, batch, micro_batch_size):
@@ -135,8 +143,7 @@ def compute_logprobs(
     ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def one(c):
-        logits = _logits(graphdef, params, c["input_ids"], c["attention_mask"], temperature)
-        return L.sequence_logprobs(logits, c["input_ids"], with_entropy=True)
+        return _logprobs(graphdef, params, c["input_ids"], c["attention_mask"], temperature)
 
     return _chunked(one, ins, micro_batch_size)
 
@@ -161,8 +168,7 @@ def compute_values(graphdef, params, batch, micro_batch_size: int | None = None)
 
 
 def actor_loss(params, graphdef, mb, n_tokens, n_seqs, cfg: ActorConfig):
-    logits = _logits(graphdef, params, mb["input_ids"], mb["attention_mask"], cfg.temperature)
-    logp, ent = L.sequence_logprobs(logits, mb["input_ids"], with_entropy=True)
+    logp, ent = _logprobs(graphdef, params, mb["input_ids"], mb["attention_mask"], cfg.temperature)
     m = mb["loss_mask"].astype(jnp.float32)
     w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
     wt = m / jnp.maximum(n_tokens, 1.0)  # token-mean weights for metrics

@@ -37,9 +37,10 @@ def test_sharded_forward_matches_single_device(kind, tmp_path):
     mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
     sharded = from_pretrained(d, mesh=mesh)
 
-    q = sharded.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == P("fsdp", "tensor")
-    assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2)
+    # Layers are stacked on a leading, unsharded `layers` dim.
+    q = sharded.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
     emb = sharded.embed_tokens[...]
     assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
 
@@ -64,6 +65,6 @@ def test_shard_module_places_params(tmp_path):
     model = from_pretrained(d)
     mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4, tensor=2))
     shd.shard_module(model, mesh)
-    up = model.layers[1].mlp.up_proj.kernel[...]
-    assert up.sharding.spec == P("fsdp", "tensor")
-    assert up.addressable_shards[0].data.shape == (up.shape[0] // 4, up.shape[1] // 2)
+    up = model.layers.mlp.up_proj.kernel[...]
+    assert up.sharding.spec == P(None, "fsdp", "tensor")
+    assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 4, up.shape[2] // 2)

@@ -182,7 +182,7 @@ def test_remat_matches_plain_forward_and_grads(tmp_path):
         return jnp.mean(m(ids, attention_mask=mask) ** 2)
 
     out = {}
-    for remat in (False, True):
+    for remat in ("none", "full", "dots", True):
         model = from_pretrained(d, remat=remat)
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
         # Chunked log-probs merge the model inside lax.map, under the jit's trace: nnx.remat
@@ -190,7 +190,26 @@ def test_remat_matches_plain_forward_and_grads(tmp_path):
         graphdef, params = nnx.split(model)
         lp, _ = compute_logprobs(graphdef, params, {"input_ids": ids, "attention_mask": mask}, 1)
         out[remat] = (float(value), jax.tree.leaves(grads) + [lp])
-    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
-    assert len(out[True][1]) == len(out[False][1]) > 0
-    for a, b in zip(out[True][1], out[False][1]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    for policy in ("full", "dots", True):
+        np.testing.assert_allclose(out[policy][0], out["none"][0], rtol=1e-6)
+        assert len(out[policy][1]) == len(out["none"][1]) > 0
+        for a, b in zip(out[policy][1], out["none"][1]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_logits_chunk_gives_the_same_logprobs(tmp_path):
+    """model.logits_chunk only changes how the LM head is computed, not the log-probs."""
+    from flax import nnx
+
+    from agentgym_jax.rl.update import compute_logprobs
+
+    d = str(tmp_path)
+    make_hf_model("qwen2", d)
+    ids, mask = left_padded_batch(from_pretrained(d).config.vocab_size, [5, 12, 9])
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    out = []
+    for chunk in (0, 5):
+        graphdef, params = nnx.split(from_pretrained(d, logits_chunk=chunk))
+        out.append(compute_logprobs(graphdef, params, batch, None, 0.8))
+    for a, b in zip(out[0], out[1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

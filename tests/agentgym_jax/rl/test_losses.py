@@ -247,3 +247,28 @@ def test_value_loss_and_explained_variance():
     ev = float(L.explained_variance(ret, vpred, mask))
     assert ev == pytest.approx(1 - np.var(r - v) / np.var(r), rel=1e-4)
     assert float(L.explained_variance(ret, ret, mask)) == pytest.approx(1.0)
+
+
+def test_chunked_logprobs_match_full_values_and_grads():
+    """The LM head in chunks (model.logits_chunk) gives the full pass's log-probs, entropies and
+    gradients, including a length that is not a multiple of the chunk."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    b, t, e, v = 2, 37, 8, 50
+    hidden = jnp.asarray(rng.standard_normal((b, t, e)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((e, v)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, v, (b, t)))
+
+    def loss(w, chunk):
+        lp, ent = L.chunked_sequence_logprobs(lambda h: h @ w / 0.7, hidden, ids, chunk)
+        return jnp.sum(lp * jnp.arange(t)) + jnp.sum(ent), (lp, ent)
+
+    (full, (lp_f, ent_f)), g_f = jax.value_and_grad(loss, has_aux=True)(w, 0)
+    ref_lp, ref_ent = L.sequence_logprobs(hidden @ w / 0.7, ids, with_entropy=True)
+    np.testing.assert_allclose(np.asarray(lp_f), np.asarray(ref_lp), atol=1e-6)
+    for chunk in (8, 16, 37):
+        (val, (lp, ent)), g = jax.value_and_grad(loss, has_aux=True)(w, chunk)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(lp_f), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ent), np.asarray(ent_f), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_f), rtol=1e-4, atol=1e-4)
