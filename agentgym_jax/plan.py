@@ -141,10 +141,11 @@ PUBLIC_CONFIGS: dict[str, dict[str, Any]] = {
 def model_config_for(path: str) -> ModelConfig:
     """A public model's name (``Qwen2.5-7B``, with or without an ``org/`` prefix), or a local
     directory / ``config.json`` path."""
-    name = path.split("/")[-1]
+    # Instruct / chat variants share their base model's shapes.
+    name = path.rstrip("/").split("/")[-1].lower().removesuffix("-instruct")
     table = {k.lower(): v for k, v in PUBLIC_CONFIGS.items()}
-    if name.lower() in table and not os.path.exists(path):
-        return ModelConfig.from_hf_dict(table[name.lower()])
+    if name in table and not os.path.exists(path):
+        return ModelConfig.from_hf_dict(table[name])
     if path.startswith("builtin:"):
         from agentgym_jax.models import resolve_model_path
 
@@ -459,14 +460,23 @@ def plan_on_devices(
             (critic_state.params, critic_state.opt_state)
         )
     jobs = [(name, lower) for name, lower in jobs if only is None or name in only]
-    if precheck and sum(resident.values()) > hbm_bytes:
+    resident_total = sum(resident.values())
+    if precheck and resident_total > hbm_bytes:
         # The state that lives across a step already overflows: no compile can change that.
         fns = [
             FnReport(name, error="not compiled: the resident state alone overflows")
             for name, _ in jobs
         ]
     else:
-        fns = [_compile(name, lower) for name, lower in jobs]
+        fns = []
+        # The updates first: they are the likeliest not to fit, and a precheck stops there.
+        for name, lower in sorted(jobs, key=lambda j: "update" not in j[0]):
+            f = _compile(name, lower)
+            fns.append(f)
+            if precheck and resident_total + f.temps + max(f.outputs - f.aliased, 0) > hbm_bytes:
+                break
+        order = [name for name, _ in jobs]
+        fns.sort(key=lambda f: order.index(f.name))
     return PlanReport(
         target=target,
         devices=len(devices),

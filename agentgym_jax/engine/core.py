@@ -106,6 +106,26 @@ def extend(
     )
 
 
+def fork(state: SlotState, src, dst, seeds, *, copy_len: int) -> SlotState:
+    """Copy slot ``src``'s sequence into slots ``dst`` [R] (ids >= S are padding, dropped): its
+    first ``copy_len`` (static) cache entries, length and pending token; each destination gets a
+    fresh RNG key ``fold_in(key(0), seeds[r])``, as a prefilled episode does."""
+    r = dst.shape[0]
+
+    def copy(c):
+        row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=1)[:, :, :copy_len]
+        rows = jnp.broadcast_to(row, (c.shape[0], r, *row.shape[2:]))
+        return c.at[:, dst, :copy_len].set(rows, mode="drop")
+
+    fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(0), s)))(seeds)
+    return SlotState(
+        cache=KVCache(k=copy(state.cache.k), v=copy(state.cache.v)),
+        length=state.length.at[dst].set(state.length[src], mode="drop"),
+        pending=state.pending.at[dst].set(state.pending[src], mode="drop"),
+        rng=state.rng.at[dst].set(fresh.astype(jnp.uint32), mode="drop"),
+    )
+
+
 def forward_pending(model, state: SlotState, active, attend_len=None):
     """Feed every slot's pending token; inactive slots write nowhere. -> (logits [S, V], cache).
 

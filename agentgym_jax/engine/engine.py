@@ -36,6 +36,15 @@ def _ceil_bucket(buckets: Sequence[int], n: int) -> int:
     return buckets[min(bisect.bisect_left(buckets, n), len(buckets) - 1)]
 
 
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs[1:]):
+            return i
+    return n
+
+
 class SlotFullError(ValueError):
     """Writing these tokens would pass the slot's ``max_len``; nothing was written."""
 
@@ -60,6 +69,10 @@ class EngineConfig:
     """KV cache dtype; default: the model's compute dtype."""
     seed: int = 0
     """Base seed; each prefilled episode gets its own stream (see ``Engine.prefill``)."""
+    share_prefix_min: int = 32
+    """Prompts of one ``prefill`` call that share at least this many leading tokens (a GRPO
+  group's identical prompts, an env's instruction) encode the shared part once and copy its cache
+  into the other slots (a fork). 0 = encode every prompt in full."""
     attend_buckets: tuple[int, ...] | None = None
     """Cache lengths attention may read (one compile of decode / each prefill bucket per length
   used): a call reads only the smallest one that covers its slots' positions, so short
@@ -237,6 +250,10 @@ class Engine:
             return core.decode_loop(nnx.merge(graphdef, params), state, ctrl, chunk, attend_len)
 
         @counted
+        def fork(state, copy_len, src, dst, seeds):
+            return core.fork(state, src, dst, seeds, copy_len=copy_len)
+
+        @counted
         def peek(graphdef, params, state):
             active = jnp.ones_like(state.length, bool)
             return core.forward_pending(nnx.merge(graphdef, params), state, active)[0]
@@ -254,6 +271,7 @@ class Engine:
             out_shardings=(so, None),
         )
         self._peek = jax.jit(functools.partial(peek, g))
+        self._fork = jax.jit(fork, static_argnums=1, donate_argnums=0, out_shardings=so)
 
     def lower_steps(self, append_len: int = 128) -> dict[str, Any]:
         """The jitted prefill / append / decode, lowered (not compiled) at their worst-case
@@ -354,7 +372,76 @@ class Engine:
                 raise ValueError(f"prefill: top_p must be in (0, 1], got {tps[j]} for slot {i}")
             sl = self._slots[i]
             sl.temperature, sl.top_p, sl.top_k = float(temps[j]), float(tps[j]), int(tks[j])
-        self._write(slot_ids, token_lists, new_episode=True, seeds=list(seeds))
+        token_lists = [[int(t) for t in toks] for toks in token_lists]
+        if self.config.share_prefix_min and n > 1:
+            self._prefill_shared(slot_ids, token_lists, list(seeds))
+        else:
+            self._write(slot_ids, token_lists, new_episode=True, seeds=list(seeds))
+
+    def _prefill_shared(self, slot_ids, token_lists, seeds):
+        """Prefill encoding shared prompt prefixes once (see ``EngineConfig.share_prefix_min``).
+
+        Level 1: the distinct prompts' common prefix is written into one slot and forked to one
+        slot per distinct prompt, which then appends its own remainder. Level 2: each distinct
+        prompt is forked to the slots whose prompt is identical (a GRPO group). The caches equal
+        full prefills': keys and values of a prefix do not depend on what follows it.
+        """
+        leaders: dict[tuple[int, ...], int] = {}
+        for j, toks in enumerate(token_lists):
+            if not toks:
+                raise ValueError(f"slot {slot_ids[j]}: empty token list")
+            leaders.setdefault(tuple(toks), j)
+        lead = list(leaders.values())
+        common = _common_prefix_len([token_lists[j] for j in lead])
+        if len(lead) > 1 and common >= self.config.share_prefix_min:
+            first, others = lead[0], lead[1:]
+            self._write([slot_ids[first]], [token_lists[first][:common]], True, [seeds[first]])
+            self.fork(slot_ids[first], [slot_ids[j] for j in others], [seeds[j] for j in others])
+            rest = [j for j in lead if len(token_lists[j]) > common]
+            if rest:
+                self._write(
+                    [slot_ids[j] for j in rest],
+                    [token_lists[j][common:] for j in rest],
+                    False,
+                    [0] * len(rest),
+                )
+        else:
+            self._write(
+                [slot_ids[j] for j in lead],
+                [token_lists[j] for j in lead],
+                True,
+                [seeds[j] for j in lead],
+            )
+        for prompt, j in leaders.items():
+            same = [k for k, toks in enumerate(token_lists) if k != j and tuple(toks) == prompt]
+            if same:
+                self.fork(slot_ids[j], [slot_ids[k] for k in same], [seeds[k] for k in same])
+
+    def fork(self, src: int, dst_ids: Sequence[int], seeds: Sequence[int]):
+        """Start episodes in free slots ``dst_ids`` as copies of slot ``src``'s sequence (cache,
+        length, pending token); each gets RNG stream ``fold_in(key(0), seed)``. Sampling
+        settings stay the destinations' own."""
+        sl = self._slots[src]
+        if sl.seq_len == 0:
+            raise ValueError(f"fork: slot {src} is free")
+        if sl.active:
+            raise ValueError(f"fork: slot {src} is still decoding")
+        dst_ids = list(dst_ids)
+        for i in dst_ids:
+            if i == src or self._slots[i].seq_len:
+                raise ValueError(f"fork: destination slot {i} is in use")
+        s = self.num_slots
+        rows = min(s, 1 << max(len(dst_ids) - 1, 0).bit_length())
+        for k in range(0, len(dst_ids), rows):
+            part = dst_ids[k : k + rows]
+            dst = np.full((rows,), s, np.int32)  # id s = padding row (dropped)
+            dst[: len(part)] = part
+            sd = np.zeros((rows,), np.uint32)
+            sd[: len(part)] = [x & 0xFFFFFFFF for x in seeds[k : k + rows]]
+            copy_len = self._attend_len(sl.seq_len)
+            self.state = self._fork(self.state, copy_len, np.int32(src), dst, sd)
+        for i in dst_ids:
+            self._slots[i].seq_len, self._slots[i].pending = sl.seq_len, sl.pending
 
     def append(self, slot_ids: Sequence[int], token_lists: Sequence[Sequence[int]]):
         """Write new tokens (an env reply + generation prompt) after each slot's sequence.

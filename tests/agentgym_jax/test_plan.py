@@ -78,6 +78,8 @@ def test_unknown_slice_is_a_clear_error():
 def test_public_shapes_need_no_download():
     c = plan.model_config_for("Qwen/Qwen2.5-7B")
     assert (c.num_hidden_layers, c.hidden_size, c.num_key_value_heads) == (28, 3584, 4)
+    # The paper configs' placeholder path names the instruct model: its shape is the base's.
+    assert plan.model_config_for("/path/to/Qwen2.5-3B-Instruct").num_hidden_layers == 36
     with pytest.raises(FileNotFoundError, match="built-in"):
         plan.model_config_for("/nonexistent/model")
 

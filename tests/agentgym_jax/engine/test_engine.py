@@ -204,3 +204,48 @@ def test_remat_model_decodes_like_plain(qwen):
         turns.append((first, e.generate_turn([0], 4)[0].tokens))
         e.release([0])
     assert turns[0] == turns[1]
+
+
+def test_shared_prefixes_are_encoded_once_and_forked(qwen):
+    """A GRPO-like prefill (two tasks sharing an instruction, each prompt repeated) encodes the
+    instruction once and each distinct prompt's remainder once; forked slots decode exactly what
+    fully prefilled slots decode, sampled (same per-episode RNG streams) and greedy."""
+    import dataclasses
+
+    instruction = prompts_of([20], seed=3)[0]
+    task_a, task_b = prompts_of([5, 9], seed=4)
+    prompts = [instruction + task_a] * 2 + [instruction + task_b] * 2
+    seeds = [11, 12, 13, 14]
+    out = {}
+    for share in (0, 8):
+        eng = Engine(qwen["model"], dataclasses.replace(SHARED, share_prefix_min=share))
+        written = []
+        write = eng._write
+        eng._write = lambda ids, toks, *a, **k: (
+            written.append(sum(map(len, toks))),
+            write(ids, toks, *a, **k),
+        )
+        eng.prefill(range(4), prompts, temperature=1.0, seeds=seeds)
+        assert [eng.slot_length(i) for i in range(4)] == [len(p) for p in prompts]
+        sampled = eng.generate_turn(range(4), 12)
+        eng.release(range(4))
+        eng.prefill(range(4), prompts, temperature=0.0, seeds=seeds)
+        greedy = eng.generate_turn(range(4), 12)
+        out[share] = (sum(written), sampled, greedy)
+    assert out[0][0] == 2 * sum(map(len, prompts))
+    assert out[8][0] == 2 * (len(instruction) + len(task_a) + len(task_b))
+    for i in range(4):
+        for k in (1, 2):
+            assert out[8][k][i].tokens == out[0][k][i].tokens, (i, k)
+            np.testing.assert_allclose(out[8][k][i].logprobs, out[0][k][i].logprobs, atol=1e-5)
+
+
+def test_fork_rejects_busy_slots(qwen):
+    eng = qwen["engine"]
+    eng.release(range(eng.num_slots))
+    eng.prefill([0, 1], prompts_of([6, 7]))
+    with pytest.raises(ValueError, match="in use"):
+        eng.fork(0, [1], [5])
+    with pytest.raises(ValueError, match="free"):
+        eng.fork(2, [3], [5])
+    eng.release(range(eng.num_slots))

@@ -1,0 +1,73 @@
+"""One demo step's rollout with prefix sharing (``EngineConfig.share_prefix_min``) vs without.
+
+The same tasks, settings, seeds and params each time, alternating the two modes after a warm-up
+of each; prints one JSON object with the median rollout wall times and ``prefix_share_speedup``.
+
+    python bench/rollout.py [--config configs/demo.yaml] [--repeats 3] [dotted.key=value ...]
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from agentgym_jax.config import load_config
+    from agentgym_jax.trainer import Trainer, rollout_settings
+
+    out = tempfile.mkdtemp(prefix="bench_rollout_")
+    cfg = load_config(
+        args.config, [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", *args.overrides]
+    )
+    trainer = Trainer.from_config(cfg)
+    ctx = trainer.ctx
+    eng = ctx.engine
+    shared = eng.config.share_prefix_min or 32
+    tasks = list(next(ctx.sampler))
+    settings = rollout_settings(cfg, ctx.horizon, 1, eval_mode=False)
+    times = {"shared": [], "full": []}
+    tokens = {}
+    try:
+        for rep in range(args.repeats + 1):
+            for mode in ("shared", "full"):
+                eng.config = dataclasses.replace(
+                    eng.config, share_prefix_min=shared if mode == "shared" else 0
+                )
+                t0 = time.perf_counter()
+                result = ctx.rollout.run(tasks, settings)
+                dt = time.perf_counter() - t0
+                if rep:  # the first round compiles
+                    times[mode].append(dt)
+                tokens[mode] = sum(len(e.tokens) for e in result.episodes)
+    finally:
+        trainer.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        json.dumps(
+            {
+                "bench": "rollout",
+                "config": args.config,
+                "episodes": len(tasks),
+                "rollout_s_shared": round(med["shared"], 3),
+                "rollout_s_full": round(med["full"], 3),
+                "prefix_share_speedup": round(med["full"] / med["shared"], 3),
+                "tokens_shared": tokens["shared"],
+                "tokens_full": tokens["full"],
+                "repeats": args.repeats,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
