@@ -21,6 +21,8 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
+    import jax
+
     from agentgym_jax.config import load_config
     from agentgym_jax.trainer import Trainer, rollout_settings
 
@@ -34,7 +36,7 @@ def main():
     shared = eng.config.share_prefix_min or 32
     tasks = list(next(ctx.sampler))
     settings = rollout_settings(cfg, ctx.horizon, 1, eval_mode=False)
-    times = {"shared": [], "full": []}
+    times = {"shared": [], "full": [], "prefill_shared": [], "prefill_full": []}
     tokens = {}
     try:
         for rep in range(args.repeats + 1):
@@ -48,6 +50,21 @@ def main():
                 if rep:  # the first round compiles
                     times[mode].append(dt)
                 tokens[mode] = sum(len(e.tokens) for e in result.episodes)
+        # The prefill alone: the step's 32 initial prompts into free slots, both ways.
+        prompts = [e.tokens[: e.prompt_len] for e in result.episodes]
+        slots = list(range(len(prompts)))
+        for rep in range(args.repeats + 1):
+            for mode in ("shared", "full"):
+                eng.config = dataclasses.replace(
+                    eng.config, share_prefix_min=shared if mode == "shared" else 0
+                )
+                eng.release(range(eng.num_slots))
+                t0 = time.perf_counter()
+                eng.prefill(slots, prompts, seeds=slots)
+                jax.block_until_ready(eng.state)
+                if rep:
+                    times[f"prefill_{mode}"].append(time.perf_counter() - t0)
+        eng.release(range(eng.num_slots))
     finally:
         trainer.close()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -60,6 +77,11 @@ def main():
                 "rollout_s_shared": round(med["shared"], 3),
                 "rollout_s_full": round(med["full"], 3),
                 "prefix_share_speedup": round(med["full"] / med["shared"], 3),
+                "prefill_s_shared": round(med["prefill_shared"], 4),
+                "prefill_s_full": round(med["prefill_full"], 4),
+                "prefill_speedup": round(med["prefill_full"] / med["prefill_shared"], 3),
+                "prompt_tokens": sum(len(p) for p in prompts),
+                "distinct_prompts": len({tuple(p) for p in prompts}),
                 "tokens_shared": tokens["shared"],
                 "tokens_full": tokens["full"],
                 "repeats": args.repeats,

@@ -107,14 +107,13 @@ def extend(
 
 
 def fork(state: SlotState, src, dst, seeds, *, copy_len: int) -> SlotState:
-    """Copy slot ``src``'s sequence into slots ``dst`` [R] (ids >= S are padding, dropped): its
-    first ``copy_len`` (static) cache entries, length and pending token; each destination gets a
-    fresh RNG key ``fold_in(key(0), seeds[r])``, as a prefilled episode does."""
-    r = dst.shape[0]
+    """Copy slot ``src[r]``'s sequence into slot ``dst[r]`` for each row r (dst ids >= S are
+    padding, dropped): the first ``copy_len`` (static) cache entries, the length and the pending
+    token; each destination gets a fresh RNG key ``fold_in(key(0), seeds[r])``, as a prefilled
+    episode does."""
 
     def copy(c):
-        row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=1)[:, :, :copy_len]
-        rows = jnp.broadcast_to(row, (c.shape[0], r, *row.shape[2:]))
+        rows = jnp.take(c[:, :, :copy_len], src, axis=1)
         return c.at[:, dst, :copy_len].set(rows, mode="drop")
 
     fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(0), s)))(seeds)

@@ -412,36 +412,48 @@ class Engine:
                 True,
                 [seeds[j] for j in lead],
             )
-        for prompt, j in leaders.items():
-            same = [k for k, toks in enumerate(token_lists) if k != j and tuple(toks) == prompt]
-            if same:
-                self.fork(slot_ids[j], [slot_ids[k] for k in same], [seeds[k] for k in same])
+        copies = [
+            (slot_ids[leaders[tuple(toks)]], slot_ids[k], seeds[k])
+            for k, toks in enumerate(token_lists)
+            if leaders[tuple(toks)] != k
+        ]
+        if copies:
+            self._fork_rows(*map(list, zip(*copies)))
 
     def fork(self, src: int, dst_ids: Sequence[int], seeds: Sequence[int]):
         """Start episodes in free slots ``dst_ids`` as copies of slot ``src``'s sequence (cache,
         length, pending token); each gets RNG stream ``fold_in(key(0), seed)``. Sampling
         settings stay the destinations' own."""
-        sl = self._slots[src]
-        if sl.seq_len == 0:
-            raise ValueError(f"fork: slot {src} is free")
-        if sl.active:
-            raise ValueError(f"fork: slot {src} is still decoding")
         dst_ids = list(dst_ids)
-        for i in dst_ids:
-            if i == src or self._slots[i].seq_len:
-                raise ValueError(f"fork: destination slot {i} is in use")
+        self._fork_rows([src] * len(dst_ids), dst_ids, list(seeds))
+
+    def _fork_rows(self, srcs: list[int], dsts: list[int], seeds: list[int]):
+        """Copy slot ``srcs[r]`` into slot ``dsts[r]`` for every r, in one device call per
+        ``num_slots`` rows."""
+        for i in set(srcs):
+            if self._slots[i].seq_len == 0:
+                raise ValueError(f"fork: slot {i} is free")
+            if self._slots[i].active:
+                raise ValueError(f"fork: slot {i} is still decoding")
+        if len(set(dsts)) != len(dsts) or any(self._slots[i].seq_len for i in dsts):
+            raise ValueError(f"fork: destination slots {dsts} must be distinct and free")
         s = self.num_slots
-        rows = min(s, 1 << max(len(dst_ids) - 1, 0).bit_length())
-        for k in range(0, len(dst_ids), rows):
-            part = dst_ids[k : k + rows]
+        rows = min(s, 1 << max(len(dsts) - 1, 0).bit_length())
+        copy_len = self._attend_len(max(self._slots[i].seq_len for i in srcs))
+        for k in range(0, len(dsts), rows):
+            part = slice(k, k + rows)
+            n = len(dsts[part])
+            src = np.zeros((rows,), np.int32)
             dst = np.full((rows,), s, np.int32)  # id s = padding row (dropped)
-            dst[: len(part)] = part
             sd = np.zeros((rows,), np.uint32)
-            sd[: len(part)] = [x & 0xFFFFFFFF for x in seeds[k : k + rows]]
-            copy_len = self._attend_len(sl.seq_len)
-            self.state = self._fork(self.state, copy_len, np.int32(src), dst, sd)
-        for i in dst_ids:
-            self._slots[i].seq_len, self._slots[i].pending = sl.seq_len, sl.pending
+            src[:n], dst[:n] = srcs[part], dsts[part]
+            sd[:n] = [x & 0xFFFFFFFF for x in seeds[part]]
+            self.state = self._fork(self.state, copy_len, src, dst, sd)
+        for i, d in zip(srcs, dsts):
+            self._slots[d].seq_len, self._slots[d].pending = (
+                self._slots[i].seq_len,
+                self._slots[i].pending,
+            )
 
     def append(self, slot_ids: Sequence[int], token_lists: Sequence[Sequence[int]]):
         """Write new tokens (an env reply + generation prompt) after each slot's sequence.
@@ -487,9 +499,11 @@ class Engine:
             for c in chunks:
                 by_bucket.setdefault(self._bucket(len(c[2])), []).append(c)
             for t, group in sorted(by_bucket.items()):
-                rows = self._rows(t)
-                for k in range(0, len(group), rows):
-                    self._extend_call(t, rows, group[k : k + rows], new_episode and r == 0)
+                most = self._rows(t)
+                for k in range(0, len(group), most):
+                    part = group[k : k + most]
+                    rows = self._rows(t, len(part))
+                    self._extend_call(t, rows, part, new_episode and r == 0)
             r += 1
         for i, _, w, p, _ in reqs:
             sl = self._slots[i]
@@ -504,9 +518,14 @@ class Engine:
         """The smallest attend bucket covering cache positions ``0 .. need - 1``."""
         return _ceil_bucket(self.config.attend_lengths(), need)
 
-    def _rows(self, t: int) -> int:
+    def _rows(self, t: int, n: int | None = None) -> int:
+        """Rows of a write call at bucket ``t``: at most ``prefill_tokens_per_call // t`` (a power
+        of two, at most the slot count); for ``n`` writes, the power of two covering them, so
+        an env reply to a few slots does not compute a full call of padding rows (one compile
+        per bucket and row count)."""
         rows = max(1, self.config.prefill_tokens_per_call // t)
-        return min(self.num_slots, 1 << (rows.bit_length() - 1))
+        most = min(self.num_slots, 1 << (rows.bit_length() - 1))
+        return most if n is None else min(most, 1 << max(n - 1, 0).bit_length())
 
     def _extend_call(self, t, rows, group, new_rng):
         s = self.num_slots

@@ -164,11 +164,14 @@ def test_compiles_bounded_by_buckets(qwen):
     model = qwen["model"]
     cfg = EngineConfig(num_slots=3, max_len=256, prefill_buckets=(8, 16, 32), seed=1)
     eng = Engine(model, cfg)
+    # A write call's rows are a power of two covering its slots (1, 2 or 3 of 3 here).
+    bound = len(cfg.prefill_buckets) * 3 + 1
     multi_turn(eng, 0)
     first = eng.num_compiles
-    assert 2 <= first <= len(cfg.prefill_buckets) + 1
+    assert 2 <= first <= bound
     multi_turn(eng, 1)
-    assert eng.num_compiles == first  # new lengths, same buckets: nothing recompiles
+    multi_turn(eng, 2)
+    assert eng.num_compiles <= bound  # new lengths, same buckets and row counts
 
 
 def test_sharded_engine_matches_single_device(qwen):
@@ -244,7 +247,7 @@ def test_fork_rejects_busy_slots(qwen):
     eng = qwen["engine"]
     eng.release(range(eng.num_slots))
     eng.prefill([0, 1], prompts_of([6, 7]))
-    with pytest.raises(ValueError, match="in use"):
+    with pytest.raises(ValueError, match="distinct and free"):
         eng.fork(0, [1], [5])
     with pytest.raises(ValueError, match="free"):
         eng.fork(2, [3], [5])
