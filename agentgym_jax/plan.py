@@ -47,12 +47,12 @@ class Slice:
 
 # Accelerator type -> slice. v4 and v5p chips are "megacore": one device per chip.
 SLICES: dict[str, Slice] = {
-    "v5e-4": Slice("v5e:2x2", "default", 16),
-    "v5e-8": Slice("v5e:2x4", "default", 16),
-    "v5e-16": Slice("v5e:4x4", "default", 16),
-    "v5e-32": Slice("v5e:4x8", "default", 16),
-    "v5e-64": Slice("v5e:8x8", "default", 16),
-    "v5e-256": Slice("v5e:16x16", "default", 16),
+    "v5e-4": Slice("v5e:2x2", "default", 15.75),
+    "v5e-8": Slice("v5e:2x4", "default", 15.75),
+    "v5e-16": Slice("v5e:4x4", "default", 15.75),
+    "v5e-32": Slice("v5e:4x8", "default", 15.75),
+    "v5e-64": Slice("v5e:8x8", "default", 15.75),
+    "v5e-256": Slice("v5e:16x16", "default", 15.75),
     "v4-8": Slice("v4:2x2x1", "megacore", 32),
     "v4-16": Slice("v4:2x2x2", "megacore", 32),
     "v4-32": Slice("v4:2x2x4", "megacore", 32, (False, False, True)),
@@ -559,7 +559,7 @@ def fit_micro_batches(cfg: TrainConfig, dp: int) -> tuple[TrainConfig | None, li
     if b % dp:
         return None, []
     changes, sections = [], {}
-    for name in ("actor", "critic"):
+    for name in ("actor", "critic") if cfg.uses_critic else ("actor",):
         sec = getattr(cfg, name)
         if sec.ppo_mini_batch_size % dp:
             return None, []

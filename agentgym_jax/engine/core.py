@@ -91,7 +91,8 @@ def extend(
     (static) bounds the cache entries attention reads; it must cover every ``start + count``.
     """
     cache = state.cache
-    sub = cache.take_slots(slot_ids)
+    # Only the attended window of each row travels: writes and reads stay below attend_len.
+    sub = cache.take_slots(slot_ids, attend_len)
     # The LM head is skipped: only the cache matters (the last token stays pending).
     _, sub = model.hidden_states(tokens, cache=sub, cache_index=start, attend_len=attend_len)
     cache = cache.set_slots(slot_ids, sub)

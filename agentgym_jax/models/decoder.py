@@ -50,14 +50,21 @@ class KVCache:
     def num_slots(self) -> int:
         return self.k.shape[1]
 
-    def take_slots(self, slot_ids: jax.Array) -> KVCache:
-        """The rows of ``slot_ids`` (ids out of range read as zeros)."""
-        take = lambda c: jnp.take(c, slot_ids, axis=1, mode="fill", fill_value=0)  # noqa: E731
+    def take_slots(self, slot_ids: jax.Array, length: int | None = None) -> KVCache:
+        """The rows of ``slot_ids``, their first ``length`` (static) entries (ids out of range
+        read as zeros)."""
+        n = self.max_len if length is None else min(int(length), self.max_len)
+
+        def take(c):
+            return jnp.take(c, slot_ids, axis=1, mode="fill", fill_value=0)[:, :, :n]
+
         return KVCache(k=take(self.k), v=take(self.v))
 
     def set_slots(self, slot_ids: jax.Array, rows: KVCache) -> KVCache:
-        """Write ``rows`` back at ``slot_ids`` (out-of-range ids are dropped)."""
-        put = lambda c, n: c.at[:, slot_ids].set(n.astype(c.dtype), mode="drop")  # noqa: E731
+        """Write ``rows`` (the first ``rows.max_len`` entries) back at ``slot_ids``
+        (out-of-range ids are dropped)."""
+        n = rows.max_len
+        put = lambda c, r: c.at[:, slot_ids, :n].set(r.astype(c.dtype), mode="drop")  # noqa: E731
         return KVCache(k=put(self.k, rows.k), v=put(self.v, rows.v))
 
 

@@ -223,11 +223,12 @@ def test_shared_prefixes_are_encoded_once_and_forked(qwen):
     for share in (0, 8):
         eng = Engine(qwen["model"], dataclasses.replace(SHARED, share_prefix_min=share))
         written = []
-        write = eng._write
-        eng._write = lambda ids, toks, *a, **k: (
-            written.append(sum(map(len, toks))),
-            write(ids, toks, *a, **k),
-        )
+
+        def counting(ids, toks, *a, _write=eng._write, _log=written, **k):
+            _log.append(sum(map(len, toks)))
+            return _write(ids, toks, *a, **k)
+
+        eng._write = counting
         eng.prefill(range(4), prompts, temperature=1.0, seeds=seeds)
         assert [eng.slot_length(i) for i in range(4)] == [len(p) for p in prompts]
         sampled = eng.generate_turn(range(4), 12)
