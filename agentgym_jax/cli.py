@@ -23,24 +23,41 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _init_distributed() -> None:
+    """``jax.distributed.initialize`` from the environment, before anything touches jax.
+
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` name the job;
+    without them jax detects TPU pods and SLURM itself. The coordinator listens on
+    ``JAX_COORDINATOR_BIND_ADDRESS``; a loopback coordinator (127.0.0.1, localhost) listens on
+    loopback only by default, since jax's own default is every interface."""
     import jax
 
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise SystemExit(
+                f"agentgym-jax --distributed: JAX_COORDINATOR_ADDRESS is set but {missing} not"
+            )
+        addr = env["JAX_COORDINATOR_ADDRESS"]
+        bind = env.get("JAX_COORDINATOR_BIND_ADDRESS")
+        if bind is None and addr.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            bind = "127.0.0.1:" + addr.rsplit(":", 1)[1]
         if env.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            env["JAX_COORDINATOR_ADDRESS"],
-            int(env["JAX_NUM_PROCESSES"]),
-            int(env["JAX_PROCESS_ID"]),
+            coordinator_address=addr,
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+            coordinator_bind_address=bind,
         )
     else:  # TPU pods and SLURM are detected by jax itself
         jax.distributed.initialize()
     log.info(
-        "process %d of %d, %d global devices",
+        "process %d of %d, %d global devices (%d local)",
         jax.process_index(),
         jax.process_count(),
         jax.device_count(),
+        jax.local_device_count(),
     )
 
 

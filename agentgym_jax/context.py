@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any, Literal
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -20,6 +21,7 @@ import envs
 from agentgym_jax import sharding as shd
 from agentgym_jax.checkpoint import Checkpointer
 from agentgym_jax.config import TrainConfig
+from agentgym_jax.config_tree import ConfigError
 from agentgym_jax.data import TaskSampler
 from agentgym_jax.engine import Engine, EngineConfig
 from agentgym_jax.engine.chat import ChatDeltas
@@ -42,6 +44,7 @@ class Context:
     cfg: TrainConfig
     out_dir: str
     mesh: Mesh
+    """The training mesh: every device of every process."""
     tokenizer: Any
     model_config: ModelConfig
     engine: Engine
@@ -61,6 +64,12 @@ class Context:
     """Evaluation only: the actor's parameters (training reads them from ``state``)."""
     sampler: TaskSampler | None = None
     """Training only: the checkpointed stream of training tasks."""
+    rollout_mesh: Mesh | None = None
+    """The engine's mesh: ``mesh`` with one process, this process's devices with several."""
+
+    def sync_engine(self, params) -> None:
+        """Hand the actor's new params to the engine (after every update and on resume)."""
+        self.engine.set_params(shd.to_local(params, self.mesh, self.rollout_mesh))
 
     def close(self) -> None:
         if self.checkpointer is not None:
@@ -70,10 +79,11 @@ class Context:
             self.driver.close()
 
 
-def engine_slots(cfg: TrainConfig, mesh: Mesh) -> int:
-    """Engine slots: ``rollout.num_slots`` or a whole training step's episodes, rounded up to a
-    multiple of the data-parallel ways (slots are sharded like the batch)."""
-    slots = cfg.rollout.num_slots or cfg.data.train_batch_size * cfg.rollout.n
+def engine_slots(cfg: TrainConfig, mesh: Mesh, processes: int = 1) -> int:
+    """Engine slots of one process: ``rollout.num_slots`` or its share of a training step's
+    episodes, rounded up to a multiple of the data-parallel ways (slots are sharded like the
+    batch)."""
+    slots = cfg.rollout.num_slots or cfg.data.train_batch_size * cfg.rollout.n // processes
     dp = shd.data_parallel_ways(mesh)
     return -(-slots // dp) * dp
 
@@ -116,7 +126,14 @@ def build_context(cfg: TrainConfig, purpose: Literal["train", "eval"] = "train")
         raise ValueError(f"build_context: purpose={purpose!r}: allowed 'train', 'eval'")
     out_dir = os.path.abspath(cfg.trainer.output_dir)
     os.makedirs(out_dir, exist_ok=True)
+    processes = jax.process_count()
+    if cfg.data.train_batch_size % processes:
+        raise ConfigError(
+            f"data.train_batch_size={cfg.data.train_batch_size} must be a multiple of the "
+            f"{processes} processes: each runs an equal share of whole task groups"
+        )
     mesh = shd.make_mesh(cfg.mesh)
+    rmesh = shd.rollout_mesh(cfg.mesh, mesh)
     model_dir = resolve_model_path(cfg.model.path)
     tok_dir = (
         resolve_model_path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else model_dir
@@ -125,12 +142,13 @@ def build_context(cfg: TrainConfig, purpose: Literal["train", "eval"] = "train")
     driver = make_driver(cfg.env)  # unknown envs and bad kwargs fail here, before compiling
     actor = load_actor(cfg, mesh)
     engine = Engine(
-        actor,
+        # Several processes: the engine gets its own copy, loaded onto this host's devices.
+        actor if rmesh is mesh else load_actor(cfg, rmesh),
         EngineConfig(
-            num_slots=engine_slots(cfg, mesh),
+            num_slots=engine_slots(cfg, rmesh, processes),
             max_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
         ),
-        mesh=mesh,
+        mesh=rmesh,
     )
     rollout = Rollout(
         engine, driver, ChatDeltas(tokenizer), stop_token_ids=actor.config.eos_token_ids
@@ -147,6 +165,7 @@ def build_context(cfg: TrainConfig, purpose: Literal["train", "eval"] = "train")
         rollout=rollout,
         val_ids=val_ids[: cfg.data.val_batch_size],
         horizon=make_horizon(cfg.algorithm.rounds_ctrl),
+        rollout_mesh=rmesh,
     )
     if purpose == "eval":
         ctx.actor_params = nnx.state(actor)

@@ -27,6 +27,29 @@ def expand_groups(task_ids: Sequence[int], group_size: int) -> list[Task]:
     return [Task(int(t), g) for g, t in enumerate(task_ids) for _ in range(group_size)]
 
 
+def host_share(tasks: Sequence[Task], index: int, count: int) -> tuple[list[Task], int]:
+    """Process ``index`` of ``count``'s share of a step's tasks -> (its tasks, the position of
+    the first in ``tasks``).
+
+    Whole groups only (a GRPO group's advantage needs all its episodes on one host), in
+    contiguous blocks in process order, so the global batch is the shares concatenated.
+    Shares differ by at most one group when the groups do not divide evenly. ``tasks`` must
+    hold each group's tasks together, as ``expand_groups`` makes them.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"host_share: process index {index} not in [0, {count})")
+    if count == 1:
+        return list(tasks), 0
+    groups = list(dict.fromkeys(t.group for t in tasks))
+    starts = [i for i, t in enumerate(tasks) if i == 0 or t.group != tasks[i - 1].group]
+    if len(starts) != len(groups):
+        raise ValueError("host_share: a group's tasks are not contiguous (use expand_groups)")
+    lo, hi = index * len(groups) // count, (index + 1) * len(groups) // count
+    begin = starts[lo] if lo < len(starts) else len(tasks)
+    end = starts[hi] if hi < len(starts) else len(tasks)
+    return list(tasks[begin:end]), begin
+
+
 def _fingerprint(task_ids: Sequence[int], seed: int, batch_size: int, group_size: int) -> str:
     h = hashlib.sha256(np.asarray(task_ids, dtype=np.int64).tobytes())
     h.update(f"{seed}/{batch_size}/{group_size}".encode())

@@ -86,7 +86,8 @@ class Learner:
 
     def prepare(self, state: LearnerState, batch: dict) -> tuple[dict, dict]:
         """(device batch with old_logprobs / ref_logprobs / values / advantages / returns,
-        device metrics) for a host batch."""
+        device metrics) for a host batch (with several processes: this host's rows of the
+        global batch, see ``sharding.shard_batch``)."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"learner: batch lacks {missing}")
@@ -117,7 +118,9 @@ class Learner:
         kl_coef = state.kl_coef
         if self.cfg.algorithm.use_kl_in_reward:
             self._kl_ctrl.value = kl_coef
-            self._kl_ctrl.update(metrics["train/kl_in_reward"], n_steps=len(batch["input_ids"]))
+            # The global batch: with several processes ``batch`` is this host's share.
+            n_seqs = int(dev["input_ids"].shape[0])
+            self._kl_ctrl.update(metrics["train/kl_in_reward"], n_steps=n_seqs)
             kl_coef = self._kl_ctrl.value
             metrics["train/kl_coef"] = kl_coef
         return dataclasses.replace(state, actor=actor, critic=critic, kl_coef=kl_coef), metrics

@@ -202,11 +202,14 @@ class MetricsLogger:
             print(text, flush=True)
 
     def transcripts(self, step: int, episodes: list[dict], subdir: str = "rollouts") -> None:
-        if not self.enabled:
-            return
+        """Episodes of this process as JSON; every process writes its own (``.host{p}`` when
+        there are several: each host ran different episodes)."""
+        import jax
+
         d = os.path.join(self.dir, subdir)
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"step_{step:06d}.json"), "w") as f:
+        host = f".host{jax.process_index()}" if jax.process_count() > 1 else ""
+        with open(os.path.join(d, f"step_{step:06d}{host}.json"), "w") as f:
             json.dump(episodes, f, indent=1)
 
     def close(self) -> None:

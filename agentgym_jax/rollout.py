@@ -195,12 +195,21 @@ class Rollout:
             lambda score, info, done: bool(info.get("success", done and score > 0))
         )
 
-    def run(self, tasks: Sequence[tuple[int, int]], s: RolloutSettings) -> RolloutResult:
-        """Episodes for ``tasks`` (``data.Task`` or (task_id, group) pairs) under settings ``s``."""
+    def run(
+        self, tasks: Sequence[tuple[int, int]], s: RolloutSettings, *, first_uid: int = 0
+    ) -> RolloutResult:
+        """Episodes for ``tasks`` (``data.Task`` or (task_id, group) pairs) under settings ``s``.
+
+        Episode ``i`` gets uid ``first_uid + i``, and its sampling seed follows the uid: a host
+        running its share of a step (``data.host_share``) passes the share's position in the
+        whole step, so an episode samples the same stream whichever host runs it."""
         eng = self.engine
         t0 = time.perf_counter()
         book = EpisodeBook(
-            [Episode(uid=uid, task_id=int(t), group=int(g)) for uid, (t, g) in enumerate(tasks)]
+            [
+                Episode(uid=first_uid + i, task_id=int(t), group=int(g))
+                for i, (t, g) in enumerate(tasks)
+            ]
         )
         for e in book.episodes.values():
             self.pool.submit_reset(e.uid, e.task_id)
@@ -374,34 +383,71 @@ class Rollout:
         self.pool.end_episode(e.uid)
 
 
-def rollout_metrics(episodes: Sequence[Episode], prefix: str = "train") -> dict[str, float]:
-    n = max(len(episodes), 1)
-    resp = [sum(e.loss_mask) for e in episodes]
-    scores = np.array([e.score for e in episodes], np.float64)
-    mean = float(scores.mean()) if len(scores) else 0.0
+# Per-episode numbers behind ``rollout_metrics``: hosts gather these rows, not episodes.
+TABLE_COLUMNS = (
+    "score",
+    "success",
+    "turns",
+    "turns_stopped",
+    "response_tokens",
+    "seq_len",
+    "truncated",
+    "unclosed_end",
+    "horizon_cut",
+    "env_error",
+)
+
+
+def episode_table(episodes: Sequence[Episode]) -> np.ndarray:
+    """[len(episodes), len(TABLE_COLUMNS)] float64: what ``table_metrics`` needs of each."""
+    rows = [
+        (
+            e.score,
+            e.success,
+            e.turns,
+            e.turns_stopped,
+            sum(e.loss_mask),
+            len(e.tokens),
+            e.truncated in ("length", "prompt"),
+            e.truncated == "turn",
+            e.truncated == "horizon",
+            e.error is not None and e.truncated is None,
+        )
+        for e in episodes
+    ]
+    return np.asarray(rows, np.float64).reshape(len(rows), len(TABLE_COLUMNS))
+
+
+def table_metrics(table: np.ndarray, prefix: str = "train") -> dict[str, float]:
+    """Rollout metrics of the episodes in ``table`` (``episode_table`` rows, maybe of many
+    hosts: the numbers do not depend on which host ran which episode)."""
+    col = {k: table[:, i] for i, k in enumerate(TABLE_COLUMNS)}
+    count = len(table)
+    n = max(count, 1)
+    scores = col["score"]
+    mean = float(scores.mean()) if count else 0.0
+    turns = float(col["turns"].sum())
     return {
         f"{prefix}/reward_mean": mean,
-        f"{prefix}/reward_std": float(scores.std()) if len(scores) else 0.0,
+        f"{prefix}/reward_std": float(scores.std()) if count else 0.0,
         # The paper reports both: the success rate and the mean score (the env's final score).
-        f"{prefix}/success_rate": sum(e.success for e in episodes) / n,
+        f"{prefix}/success_rate": float(col["success"].sum()) / n,
         f"{prefix}/score_mean": mean,
-        f"{prefix}/turns_mean": sum(e.turns for e in episodes) / n,
-        f"{prefix}/turns_max": float(max((e.turns for e in episodes), default=0)),
+        f"{prefix}/turns_mean": turns / n,
+        f"{prefix}/turns_max": float(col["turns"].max()) if count else 0.0,
         # Falls toward 0 when the policy stops closing its turns (a common RL collapse).
-        f"{prefix}/turn_stop_frac": sum(e.turns_stopped for e in episodes)
-        / max(sum(e.turns for e in episodes), 1),
-        f"{prefix}/response_tokens_mean": float(np.mean(resp)) if resp else 0.0,
-        f"{prefix}/seq_len_mean": float(np.mean([len(e.tokens) for e in episodes]))
-        if episodes
-        else 0.0,
-        f"{prefix}/truncated_frac": sum(e.truncated in ("length", "prompt") for e in episodes) / n,
-        f"{prefix}/unclosed_end_frac": sum(e.truncated == "turn" for e in episodes) / n,
-        f"{prefix}/horizon_cut_frac": sum(e.truncated == "horizon" for e in episodes) / n,
-        f"{prefix}/env_error_frac": sum(
-            e.error is not None and e.truncated is None for e in episodes
-        )
-        / n,
+        f"{prefix}/turn_stop_frac": float(col["turns_stopped"].sum()) / max(turns, 1),
+        f"{prefix}/response_tokens_mean": float(np.mean(col["response_tokens"])) if count else 0.0,
+        f"{prefix}/seq_len_mean": float(np.mean(col["seq_len"])) if count else 0.0,
+        f"{prefix}/truncated_frac": float(col["truncated"].sum()) / n,
+        f"{prefix}/unclosed_end_frac": float(col["unclosed_end"].sum()) / n,
+        f"{prefix}/horizon_cut_frac": float(col["horizon_cut"].sum()) / n,
+        f"{prefix}/env_error_frac": float(col["env_error"].sum()) / n,
     }
+
+
+def rollout_metrics(episodes: Sequence[Episode], prefix: str = "train") -> dict[str, float]:
+    return table_metrics(episode_table(episodes), prefix)
 
 
 def to_batch(

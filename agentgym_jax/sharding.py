@@ -158,9 +158,96 @@ def data_parallel_ways(mesh: Mesh, rules=DEFAULT_RULES) -> int:
 
 
 def shard_batch(batch: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-    """Put a host batch dict on ``mesh``, dim 0 split by ``batch_sharding``."""
+    """Put a host batch dict on ``mesh``, dim 0 split by ``batch_sharding``.
+
+    With several processes each passes its own rows (its share of the step's episodes, all
+    shares the same shape) and the result is the global batch: process p's rows sit on its
+    own devices, in process order when the mesh lists devices by process (``make_mesh``
+    does, as ``jax.devices()``). No rows cross hosts.
+    """
     sh = batch_sharding(mesh, rules=rules)
-    return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
+    if jax.process_count() == 1:
+        return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
+    n = jax.process_count()
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(sh, v, (v.shape[0] * n, *v.shape[1:]))
+    return out
+
+
+def rollout_mesh(cfg: MeshConfig, train_mesh: Mesh) -> Mesh:
+    """The mesh of this process's rollout engine.
+
+    One process: the training mesh itself (the engine shares the update's devices). Several:
+    this process's own devices of the training mesh, ``tensor`` ways as in training and the
+    rest over the slots, so no engine call waits on another host.
+    """
+    if jax.process_count() == 1:
+        return train_mesh
+    me = jax.process_index()
+    local = [d for d in train_mesh.devices.flat if d.process_index == me]
+    if not local:
+        raise ValueError(
+            f"mesh: process {me} has none of the training mesh's devices (mesh.devices="
+            f"{cfg.devices} keeps only the first devices); every process needs a share"
+        )
+    if len(local) % cfg.tensor:
+        raise ValueError(
+            f"mesh.tensor={cfg.tensor} does not divide this process's {len(local)} devices: "
+            "the rollout engine runs on one process's devices"
+        )
+    return make_mesh(MeshConfig(data=1, fsdp=-1, tensor=cfg.tensor), local)
+
+
+def _local_grid(train_mesh: Mesh, process: int, tensor: int) -> np.ndarray:
+    """``process``'s devices of the training mesh as its rollout engine lays them out."""
+    local = [d for d in train_mesh.devices.flat if d.process_index == process]
+    return np.asarray(local, dtype=object).reshape(len(local) // tensor, tensor)
+
+
+def to_local(tree, train_mesh: Mesh, engine_mesh: Mesh, rules=DEFAULT_RULES):
+    """The weight sync of multi-host RL: a params state laid out on ``train_mesh`` (FSDP across
+    every host) -> the same params in each process's engine layout on ``engine_mesh`` (its own
+    devices; see ``rollout_mesh``).
+
+    One jitted collective moves the weights on device, into the engine's sharding repeated on
+    every host (a mesh whose ``data`` axis is the hosts); each process then wraps its own shards
+    as arrays of its engine mesh, without a copy. No device ever holds more than its engine
+    shard of a weight beyond its training shard. One process: ``tree`` itself, unchanged.
+    """
+    if jax.process_count() == 1:
+        return tree
+    tensor = engine_mesh.shape["tensor"]
+    grids = [_local_grid(train_mesh, p, tensor) for p in range(jax.process_count())]
+    hosts = Mesh(np.stack(grids), MESH_AXES)
+    gathered = jax.jit(lambda x: x, out_shardings=state_shardings(tree, hosts, rules))(tree)
+    return jax.tree.map(_rewrap, gathered, state_shardings(tree, engine_mesh, rules))
+
+
+def _rewrap(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    shards = [by_device[d] for d in sharding.addressable_devices_indices_map(x.shape)]
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+def process_allgather_np(x: np.ndarray) -> np.ndarray:
+    """``[process_count, *x.shape]``: every process's ``x`` (same shape and dtype everywhere).
+
+    Sent as raw 32-bit words: jax without x64 would round float64 / int64 values, and the
+    gathered metrics must be the ones each host computed. One process: ``x[None]``.
+    """
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(x.tobytes(), np.uint8)
+    words = np.zeros(max(4, -(-raw.size // 4) * 4), np.uint8)
+    words[: raw.size] = raw
+    got = np.asarray(multihost_utils.process_allgather(words.view(np.uint32)))
+    rows = [np.frombuffer(r.tobytes()[: raw.size], x.dtype).reshape(x.shape) for r in got]
+    return np.stack(rows)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -21,12 +21,20 @@ from typing import Any
 import jax
 import numpy as np
 
+from agentgym_jax import sharding as shd
 from agentgym_jax.config import TrainConfig, to_yaml
 from agentgym_jax.context import Context, build_context, checkpointer_for, load_actor
-from agentgym_jax.data import expand_groups
+from agentgym_jax.data import Task, expand_groups, host_share
 from agentgym_jax.learner import host_metrics_finite
 from agentgym_jax.metrics import MetricsLogger, plot_run
-from agentgym_jax.rollout import Episode, RolloutSettings, rollout_metrics, to_batch
+from agentgym_jax.rollout import (
+    TABLE_COLUMNS,
+    Episode,
+    RolloutSettings,
+    episode_table,
+    table_metrics,
+    to_batch,
+)
 from agentgym_jax.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,34 @@ def pad_bucket(n: int, cap: int) -> int:
     while t < n:
         t = -(-int(t * 1.25) // 64) * 64
     return min(t, cap)
+
+
+def my_share(tasks: list[Task]) -> tuple[list[Task], int]:
+    """This process's whole groups of ``tasks`` and the position of the first (one process:
+    all of them, at 0)."""
+    return host_share(tasks, jax.process_index(), jax.process_count())
+
+
+def global_table(table: np.ndarray, rows: int) -> np.ndarray:
+    """Every process's ``episode_table`` rows in process order; each passes at most ``rows``
+    (the largest share). One process: ``table`` itself."""
+    if jax.process_count() == 1:
+        return table
+    width = len(TABLE_COLUMNS)
+    padded = np.zeros((rows, width + 1), np.float64)
+    padded[: len(table), 0] = 1.0  # row present
+    padded[: len(table), 1:] = table
+    got = shd.process_allgather_np(padded).reshape(-1, width + 1)
+    return got[got[:, 0] == 1.0, 1:]
+
+
+def _uids_from(first: int) -> dict[str, int]:
+    """``Rollout.run``'s ``first_uid``, passed only when it is not 0: the 1-process call stays
+    ``run(tasks, settings)`` (a stand-in rollout need not know about shares)."""
+    return {"first_uid": first} if first else {}
+
+
+_SEQ_LEN, _ENV_ERROR = TABLE_COLUMNS.index("seq_len"), TABLE_COLUMNS.index("env_error")
 
 
 def rollout_settings(cfg: TrainConfig, horizon, step: int, *, eval_mode: bool) -> RolloutSettings:
@@ -154,7 +190,7 @@ class Trainer:
         self.ctx.sampler.set_state(meta["data"])
         self.bad_steps = int(meta.get("bad_steps", 0))
         self.step_count = step
-        self.ctx.engine.set_params(self.state.actor.params)
+        self.ctx.sync_engine(self.state.actor.params)
         log.info("resumed from %s at step %d", self.ctx.checkpointer.directory, step)
         return step
 
@@ -164,25 +200,30 @@ class Trainer:
         ctx, cfg = self.ctx, self.cfg
         t0 = time.perf_counter()
         settings = rollout_settings(cfg, ctx.horizon, step, eval_mode=False)
+        # Several processes: each runs its share of whole groups; the rest of the step is
+        # agreed from gathered numbers (a few per episode), never from one host's view.
+        tasks, first = my_share(next(ctx.sampler))
         with self._abandonable():
-            result = ctx.rollout.run(next(ctx.sampler), settings)
+            result = ctx.rollout.run(tasks, settings, **_uids_from(first))
         episodes = result.episodes
-        failed = [e for e in episodes if e.error is not None and e.truncated is None]
-        if len(failed) == len(episodes):
-            raise AllEnvsFailedError(
-                f"step {step}: every one of {len(episodes)} episodes ended in an env failure, "
-                f"e.g. {failed[0].error!r}; nothing to train on. Check env "
-                f"{cfg.env.name!r} (env.kwargs, env.step_timeout_s, the env server if HTTP)."
-            )
         t_roll = time.perf_counter()
-        max_len = ctx.engine.config.max_len
-        batch = to_batch(
-            episodes,
-            pad_multiple=pad_bucket(max(len(e.tokens) for e in episodes), max_len),
-            max_len=max_len,
+        hosts = shd.process_allgather_np(
+            np.asarray([t_roll - t0, result.stats["env_wait_s"]], np.float64)
         )
+        table = global_table(episode_table(episodes), len(episodes))
+        if table[:, _ENV_ERROR].sum() == len(table):
+            failed = [e.error for e in episodes if e.error is not None and e.truncated is None]
+            raise AllEnvsFailedError(
+                f"step {step}: every one of {len(table)} episodes ended in an env failure, "
+                f"e.g. {failed[0] if failed else 'on another process'!r}; nothing to train on. "
+                f"Check env {cfg.env.name!r} (env.kwargs, env.step_timeout_s, the env server if "
+                "HTTP)."
+            )
+        max_len = ctx.engine.config.max_len
+        seq_len = pad_bucket(int(table[:, _SEQ_LEN].max()), max_len)  # one length on all hosts
+        batch = to_batch(episodes, pad_multiple=seq_len, max_len=max_len)
         self.state, learner_metrics = ctx.learner.step(self.state, batch, step)
-        ctx.engine.set_params(self.state.actor.params)
+        ctx.sync_engine(self.state.actor.params)
         if host_metrics_finite(learner_metrics):
             self.bad_steps = 0
         else:
@@ -194,18 +235,22 @@ class Trainer:
                 learner_metrics,
             )
         t_upd = time.perf_counter()
-        m = rollout_metrics(episodes, "train")
+        m = table_metrics(table, "train")
+        tokens = int(np.minimum(table[:, _SEQ_LEN], batch["input_ids"].shape[1]).sum())
         m.update(
             {
                 "train/horizon": float(settings.max_turns),
-                "timing/rollout_s": t_roll - t0,
-                "timing/env_wait_s": result.stats["env_wait_s"],
+                # The slowest host's: the update waits for it.
+                "timing/rollout_s": float(hosts[:, 0].max()),
+                "timing/env_wait_s": float(hosts[:, 1].max()),
                 "timing/update_s": t_upd - t_roll,
                 "timing/step_s": t_upd - t0,
-                "perf/tokens_per_s": int(batch["attention_mask"].sum()) / max(t_upd - t0, 1e-9),
+                "perf/tokens_per_s": tokens / max(t_upd - t0, 1e-9),
                 "perf/seq_len_padded": float(batch["input_ids"].shape[1]),
             }
         )
+        if jax.process_count() > 1:
+            m["timing/rollout_s_fastest_host"] = float(hosts[:, 0].min())
         m.update(learner_metrics)
         return m, episodes
 
@@ -253,8 +298,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         total = cfg.trainer.total_training_steps
         start = self.maybe_resume()
-        with open(os.path.join(ctx.out_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+        if _is_main_process():
+            with open(os.path.join(ctx.out_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
         logger = MetricsLogger(
             ctx.out_dir,
             loggers=cfg.trainer.logger,
@@ -266,6 +312,7 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start = time.perf_counter()
         first_eval = last_eval = first_score = last_score = None
+        agreed_stop = False  # every process's view: a signal reached some process
         try:
             if start >= total:
                 logger.write(f"nothing to do: checkpoint at step {start} >= {total} steps")
@@ -310,8 +357,10 @@ class Trainer:
                         f"{ctx.checkpointer.latest_step()}"
                     )
                 if self._agreed_stop():
+                    agreed_stop = True
                     break
-            if self._stop_signal is not None and self.step_count > start:
+            # All processes take this branch together (its save is a collective).
+            if (self._stop_signal is not None or agreed_stop) and self.step_count > start:
                 self.save(force=True)
                 logger.write(
                     f"stopped by signal at step {self.step_count}; "
@@ -334,9 +383,11 @@ class Trainer:
             "eval_success_after": last_eval,
             "eval_score_before": first_score,
             "eval_score_after": last_score,
-            "preempted": self._stop_signal is not None,
+            "preempted": self._stop_signal is not None or agreed_stop,
             "output_dir": ctx.out_dir,
         }
+        if not _is_main_process():
+            return summary
         if cfg.trainer.plot and os.path.exists(os.path.join(ctx.out_dir, "metrics.jsonl")):
             try:
                 summary["curves"] = plot_run(ctx.out_dir)
@@ -361,12 +412,17 @@ def _is_main_process() -> bool:
 def evaluate(
     ctx: Context, step: int, task_ids=None, prefix: str = "eval"
 ) -> tuple[dict[str, float], list[Episode]]:
-    """Held-out episodes (``rollout.val_n`` per task) with the engine's current weights."""
+    """Held-out episodes (``rollout.val_n`` per task) with the engine's current weights ->
+    (metrics of all of them, this process's episodes)."""
     cfg = ctx.cfg
     task_ids = ctx.val_ids if task_ids is None else task_ids
     settings = rollout_settings(cfg, ctx.horizon, step, eval_mode=True)
-    eps = ctx.rollout.run(expand_groups(task_ids, cfg.rollout.val_n), settings).episodes
-    m = rollout_metrics(eps, prefix)
+    tasks = expand_groups(task_ids, cfg.rollout.val_n)
+    mine, first = my_share(tasks)
+    eps = ctx.rollout.run(mine, settings, **_uids_from(first)).episodes
+    n = jax.process_count()
+    rows = max(len(host_share(tasks, i, n)[0]) for i in range(n))
+    m = table_metrics(global_table(episode_table(eps), rows), prefix)
     m[f"{prefix}/horizon"] = float(settings.max_turns)
     return m, eps
 
@@ -390,7 +446,8 @@ def train(cfg: TrainConfig) -> dict:
         lines.append(f"held-out mean score: {num(s0)} -> {num(s1)}")
     if summary.get("curves"):
         lines.append(f"curves: {summary['curves']}")
-    print("\n".join(lines), flush=True)
+    if _is_main_process():
+        print("\n".join(lines), flush=True)
     return summary
 
 
@@ -423,9 +480,11 @@ def evaluate_cli(
         step = 0
         if checkpoint_dir:
             step, params = _restore_actor_params(cfg, checkpoint_dir, ctx.actor_params)
-            ctx.engine.set_params(params)
+            ctx.sync_engine(params)
         ids = envs.task_ids(cfg.env.name, split or cfg.env.test_split, **cfg.env.kwargs)
         m, eps = evaluate(ctx, step, ids[: num_tasks or cfg.data.val_batch_size])
+        if not _is_main_process():
+            return m  # the metrics cover every process; the transcripts are process 0's
         out = os.path.join(ctx.out_dir, f"eval_step{step}.json")
         with open(out, "w") as f:
             json.dump({"metrics": m, "episodes": [e.transcript() for e in eps]}, f, indent=1)
