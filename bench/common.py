@@ -47,3 +47,29 @@ def best_of(fn, repeats: int = 3) -> float:
 def emit(name: str, result: dict) -> None:
     result = {"bench": name, "threads": os.cpu_count(), **result}
     print(json.dumps(result, indent=2))
+
+
+def bench_args(doc: str, *, steps: bool = False):
+    """The shared command line of the training benches: --config, [--steps | --repeats], overrides."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--config", default="configs/demo.yaml")
+    if steps:
+        ap.add_argument("--steps", type=int, default=3)
+    else:
+        ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("overrides", nargs="*")
+    return ap.parse_args()
+
+
+def bench_trainer(args, prefix: str):
+    """A ``Trainer`` for ``args.config`` writing into a fresh temporary run directory."""
+    from agentgym_jax.config import load_config
+    from agentgym_jax.trainer import Trainer
+
+    out = tempfile.mkdtemp(prefix=prefix)
+    cfg = load_config(
+        args.config, [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", *args.overrides]
+    )
+    return cfg, Trainer.from_config(cfg)

@@ -6,31 +6,25 @@ of each; prints one JSON object with the median rollout wall times and ``prefix_
     python bench/rollout.py [--config configs/demo.yaml] [--repeats 3] [dotted.key=value ...]
 """
 
-import argparse
 import dataclasses
 import json
+import os
 import statistics
-import tempfile
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench_args, bench_trainer  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = bench_args(__doc__)
 
     import jax
 
-    from agentgym_jax.config import load_config
-    from agentgym_jax.trainer import Trainer, rollout_settings
+    from agentgym_jax.trainer import rollout_settings
 
-    out = tempfile.mkdtemp(prefix="bench_rollout_")
-    cfg = load_config(
-        args.config, [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", *args.overrides]
-    )
-    trainer = Trainer.from_config(cfg)
+    cfg, trainer = bench_trainer(args, "bench_rollout_")
     ctx = trainer.ctx
     eng = ctx.engine
     shared = eng.config.share_prefix_min or 32

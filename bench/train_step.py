@@ -4,28 +4,20 @@ Prints one JSON object. Usage: python bench/train_step.py [--config configs/demo
 [--steps 3] [dotted.key=value ...]. The first step includes compiles and is reported apart.
 """
 
-import argparse
 import json
-import tempfile
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench_args, bench_trainer  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = bench_args(__doc__, steps=True)
 
     import numpy as np
 
-    from agentgym_jax.config import load_config
-    from agentgym_jax.trainer import Trainer
-
-    out = tempfile.mkdtemp(prefix="bench_train_step_")
-    cfg = load_config(
-        args.config, [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", *args.overrides]
-    )
-    trainer = Trainer.from_config(cfg)
+    cfg, trainer = bench_trainer(args, "bench_train_step_")
     rows = []
     try:
         for step in range(1, args.steps + 1):
