@@ -176,7 +176,11 @@ def cmd_plan(args) -> int:
     cfg = _load(args, extra)
     mesh_given = any(o.startswith("mesh.") for o in args.overrides)
     only = tuple(args.only.split(",")) if args.only else None
-    report = plan.plan(cfg, args.topology, suggest_mesh=not mesh_given, only=only)
+    try:
+        report = plan.plan(cfg, args.topology, suggest_mesh=not mesh_given, only=only)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # slice, model, mesh, libtpu
+        print(f"agentgym-jax plan: {e}", file=sys.stderr)
+        return 2
     print(report.format())
     if args.json:
         with open(args.json, "w") as f:

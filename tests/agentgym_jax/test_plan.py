@@ -69,6 +69,15 @@ def test_oversized_model_does_not_fit_and_says_why():
     assert "DOES NOT FIT" in report.format()
 
 
+def test_cli_bad_input_is_one_line(capsys):
+    from agentgym_jax.cli import main
+
+    assert main(["plan", "--config", "configs/tiny_cpu.yaml", "--topology", "v9-3"]) == 2
+    assert "unknown TPU slice 'v9-3'" in capsys.readouterr().err
+    assert main(["plan", "--config", "configs/tiny_cpu.yaml", "--model", "/no/such/dir"]) == 2
+    assert "built-in shapes" in capsys.readouterr().err
+
+
 def test_unknown_slice_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown TPU slice"):
         plan.resolve_slice("v9-3")
