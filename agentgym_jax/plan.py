@@ -403,12 +403,9 @@ def plan_on_devices(
     ref = actor_state.params if cfg.ref.enable else None
     critic_p = critic_state.params if critic_state is not None else None
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    prepare_lowered = None
 
     def prepare():
-        nonlocal prepare_lowered
-        prepare_lowered = learner._prepare.lower(actor_state.params, ref, critic_p, batch, kl)
-        return prepare_lowered
+        return learner._prepare.lower(actor_state.params, ref, critic_p, batch, kl)
 
     def update_batch():
         # The updates read the prepared batch: the prepare pass's output shapes.
