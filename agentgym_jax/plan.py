@@ -12,7 +12,6 @@ against the chip's memory. A program the compiler cannot fit is reported, not ra
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -169,7 +168,6 @@ class FnReport:
     outputs: int = 0
     temps: int = 0
     aliased: int = 0
-    flops: float = 0.0
     error: str | None = None
     pallas: bool = False
     """Whether the program calls a Pallas TPU kernel (splash attention)."""
@@ -338,10 +336,6 @@ def _compile(name: str, lower, log=_progress) -> FnReport:
         rep.outputs = int(ma.output_size_in_bytes)
         rep.temps = int(ma.temp_size_in_bytes)
         rep.aliased = int(ma.alias_size_in_bytes)
-    with contextlib.suppress(Exception):
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        rep.flops = float(cost.get("flops", 0.0))
     return rep
 
 

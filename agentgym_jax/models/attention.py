@@ -141,13 +141,10 @@ def splash_causal(q, k, v, segment_ids, mesh: Mesh | None = None, *, interpret: 
         return fn(q, k, v, segment_ids)
     from agentgym_jax import sharding as shd
 
-    b, h, kv = q.shape[0], q.shape[2], k.shape[2]
-    batch = shd.logical_to_spec(("batch",), mesh=mesh)[0]
-    heads = shd.logical_to_spec(("kv_heads",), mesh=mesh)[0]
-    ways = lambda s: math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s or ()))  # noqa: E731
-    batch = batch if b % ways(batch) == 0 else None
-    heads = heads if kv % ways(heads) == 0 and h % ways(heads) == 0 else None
-    qs, ss = P(batch, None, heads, None), P(batch, None)
+    # The mesh axes that divide k's batch and kv-head dims (q's heads are a multiple of them).
+    axes = ("batch", "length", "kv_heads", "head_dim")
+    qs = shd.sharding_for(axes, k.shape, mesh).spec
+    ss = P(qs[0], None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(qs, qs, qs, ss), out_specs=qs, check_vma=False)(
         q, k, v, segment_ids
     )
