@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from jax.sharding import Mesh
 
 from agentgym_jax import sharding as shd
 from agentgym_jax.config import TrainConfig
+from agentgym_jax.rl import packing as PK
 from agentgym_jax.rl import update as U
 from agentgym_jax.rl.advantages import compute_advantages, make_kl_controller
 
@@ -75,8 +77,20 @@ class Learner:
             functools.partial(
                 _prepare, cfg, actor.graphdef, critic.graphdef if critic is not None else None
             ),
-            in_shardings=(actor_sh, actor_sh if cfg.ref.enable else None, critic_sh, batch_sh, rep),
+            in_shardings=(
+                actor_sh,
+                actor_sh if cfg.ref.enable else None,
+                critic_sh,
+                batch_sh,
+                rep,
+                rep,
+            ),
             out_shardings=(batch_sh, rep),
+        )
+        self.packed = cfg.model.use_remove_padding
+        # Rows of the log-prob / value passes come in micro-batches of both sizes.
+        self._rows_multiple = math.lcm(
+            cfg.actor.micro_batch_size, cfg.critic.micro_batch_size if critic is not None else 1
         )
 
     def init_state(self, actor: U.TrainState, critic: U.TrainState | None) -> LearnerState:
@@ -92,13 +106,26 @@ class Learner:
         if missing:
             raise KeyError(f"learner: batch lacks {missing}")
         dev = shd.shard_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh)
+        packing = None
+        if self.packed:
+            lengths = self.lengths(batch)
+            p = PK.pack(lengths, dev["input_ids"].shape[1])
+            p = p.with_rows(min(PK.bucket(p.n_rows, self._rows_multiple), len(lengths)))
+            packing = {"src": p.src, "pos": p.pos, "row": p.row, "offset": p.offset}
         return self._prepare(
             state.actor.params,
             state.ref_params,
             state.critic.params if state.critic is not None else None,
             dev,
             jnp.float32(state.kl_coef),
+            packing,
         )
+
+    @staticmethod
+    def lengths(batch: dict) -> np.ndarray:
+        """Tokens of every episode of the global batch (all hosts' rows, in process order)."""
+        local = np.asarray(batch["attention_mask"]).sum(axis=-1).astype(np.int32)
+        return shd.process_allgather_np(local).reshape(-1)
 
     def step(self, state: LearnerState, batch: dict, step: int) -> tuple[LearnerState, dict]:
         """One training step on a host batch -> (new state, host metrics).
@@ -108,11 +135,19 @@ class Learner:
         """
         dev, metrics = self.prepare(state, batch)
         rng = jax.random.fold_in(jax.random.key(self.cfg.trainer.seed), step)
+        lengths, t = (self.lengths(batch), dev["input_ids"].shape[1]) if self.packed else (None, 0)
+
+        def pack(update, k):  # the same shuffle on every host: seeded by (seed, step, update)
+            return (
+                update.plan(lengths, t, (self.cfg.trainer.seed, step, k)) if self.packed else None
+            )
+
         critic = state.critic
         if self.critic_update is not None:
-            critic, cm = self.critic_update(critic, dev, jax.random.fold_in(rng, 1))
+            crng = jax.random.fold_in(rng, 1)
+            critic, cm = self.critic_update(critic, dev, crng, pack(self.critic_update, 1))
             metrics.update(cm)
-        actor, am = self.actor_update(state.actor, dev, rng)
+        actor, am = self.actor_update(state.actor, dev, rng, pack(self.actor_update, 0))
         metrics.update(am)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         kl_coef = state.kl_coef
@@ -126,15 +161,20 @@ class Learner:
         return dataclasses.replace(state, actor=actor, critic=critic, kl_coef=kl_coef), metrics
 
 
-def _prepare(cfg: TrainConfig, actor_def, critic_def, actor_p, ref_p, critic_p, batch, kl_coef):
-    """Forward passes and advantages of one step, inside one jit (see the module doc)."""
+def _prepare(
+    cfg: TrainConfig, actor_def, critic_def, actor_p, ref_p, critic_p, batch, kl_coef, packing=None
+):
+    """Forward passes and advantages of one step, inside one jit (see the module doc);
+    ``packing`` (of the whole batch) runs the model on packed rows."""
     micro, temp = cfg.actor.micro_batch_size, cfg.actor.temperature
     out = dict(batch)
-    out["old_logprobs"], _ = U.compute_logprobs(actor_def, actor_p, batch, micro, temp)
+    out["old_logprobs"], _ = U.compute_logprobs(actor_def, actor_p, batch, micro, temp, packing)
     if ref_p is not None:
-        out["ref_logprobs"], _ = U.compute_logprobs(actor_def, ref_p, batch, micro, temp)
+        out["ref_logprobs"], _ = U.compute_logprobs(actor_def, ref_p, batch, micro, temp, packing)
     if critic_def is not None:
-        out["values"] = U.compute_values(critic_def, critic_p, batch, cfg.critic.micro_batch_size)
+        out["values"] = U.compute_values(
+            critic_def, critic_p, batch, cfg.critic.micro_batch_size, packing
+        )
     adv = compute_advantages(cfg.algorithm.adv_estimator, out, cfg.algorithm, kl_coef=kl_coef)
     out["advantages"], out["returns"] = adv["advantages"], adv["returns"]
     mask = batch["loss_mask"]

@@ -399,11 +399,13 @@ def plan_on_devices(
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
 
     def prepare():
-        return learner._prepare.lower(actor_state.params, ref, critic_p, batch, kl)
+        return learner._prepare.lower(actor_state.params, ref, critic_p, batch, kl, None)
 
     def update_batch():
         # The updates read the prepared batch: the prepare pass's output shapes.
-        out = jax.eval_shape(learner._prepare, actor_state.params, ref, critic_p, batch, kl)[0]
+        out = jax.eval_shape(learner._prepare, actor_state.params, ref, critic_p, batch, kl, None)[
+            0
+        ]
         return _with_shardings(out, jax.tree.map(lambda _: batch_sh, out))
 
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
@@ -430,14 +432,14 @@ def plan_on_devices(
         ("logprob_pass", prepare),
         (
             "actor_update",
-            lambda: learner.actor_update.jitted.lower(actor_state, update_batch(), key),
+            lambda: learner.actor_update.jitted.lower(actor_state, update_batch(), key, None),
         ),
     ]
     if learner.critic_update is not None:
         jobs.append(
             (
                 "critic_update",
-                lambda: learner.critic_update.jitted.lower(critic_state, update_batch(), key),
+                lambda: learner.critic_update.jitted.lower(critic_state, update_batch(), key, None),
             )
         )
     resident = {

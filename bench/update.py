@@ -7,6 +7,13 @@ reference runs the same loss and optimizer on HF ``Qwen2ForCausalLM`` (float32, 
 Prints one JSON object; ``speedup_vs_torch`` = torch step time / jax step time.
 
   .venv/bin/python bench/update.py [--steps 3] [--no-torch] [--micro 4]
+
+``--packed-vs-padded``: instead, one demo rollout (``--config``, at the horizon of training step
+``--at-step``, default the last) and the learner's whole step on its batch (log-prob passes and
+the update), with ``model.use_remove_padding`` on vs off, alternating after a warm-up of each;
+prints ``packed_vs_padded`` = padded step time / packed step time, and tokens/s of both.
+
+  .venv/bin/python bench/update.py --packed-vs-padded [--config configs/demo.yaml] [--steps 3]
 """
 
 from __future__ import annotations
@@ -128,14 +135,77 @@ def bench_torch(cfg: ActorConfig, batch, steps):
     return times
 
 
+def packed_vs_padded(args):
+    from types import SimpleNamespace
+
+    from common import bench_trainer
+
+    from agentgym_jax.rl import packing as PK
+    from agentgym_jax.rollout import to_batch
+    from agentgym_jax.trainer import pad_bucket, rollout_settings
+
+    cfg, trainer = bench_trainer(
+        SimpleNamespace(config=args.config, overrides=args.overrides), "bench_update_"
+    )
+    ctx = trainer.ctx
+    try:
+        at = args.at_step or cfg.trainer.total_training_steps
+        settings = rollout_settings(cfg, ctx.horizon, at, eval_mode=False)
+        episodes = ctx.rollout.run(list(next(ctx.sampler)), settings).episodes
+        max_len = ctx.engine.config.max_len
+        seq_len = pad_bucket(max(len(e.tokens) for e in episodes), max_len)
+        batch = to_batch(episodes, pad_multiple=seq_len, max_len=max_len)
+        state, times = trainer.state, {False: [], True: []}
+        for rep in range(args.steps + 1):
+            for packed in (False, True):
+                ctx.learner.packed = packed
+                t0 = time.perf_counter()
+                state, _ = ctx.learner.step(state, batch, 1)  # metrics come back: synced
+                if rep:  # the first round compiles
+                    times[packed].append(time.perf_counter() - t0)
+    finally:
+        trainer.close()
+    lengths = batch["attention_mask"].sum(-1)
+    b, t = batch["input_ids"].shape
+    packing = PK.pack(lengths, t)
+    padded_s, packed_s = (statistics.median(times[k]) for k in (False, True))
+    tokens = int(lengths.sum())
+    print(
+        json.dumps(
+            {
+                "bench": "update_packed_vs_padded",
+                "config": args.config,
+                "horizon": settings.max_turns,
+                "episodes": b,
+                "seq_len": t,
+                "tokens": tokens,
+                "padded_fill": round(tokens / (b * t), 3),
+                "packed_rows": packing.n_rows,
+                "packed_fill": round(packing.fill(), 3),
+                "step_s_padded": round(padded_s, 3),
+                "step_s_packed": round(packed_s, 3),
+                "tokens_per_s_padded": round(tokens / padded_s, 1),
+                "tokens_per_s_packed": round(tokens / packed_s, 1),
+                "packed_vs_padded": round(padded_s / packed_s, 3),
+            }
+        )
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--packed-vs-padded", action="store_true")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--at-step", type=int, default=0)
+    ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
+    if args.packed_vs_padded:
+        return packed_vs_padded(args)
     cfg = ActorConfig(
         lr=1e-6, ppo_mini_batch_size=args.batch, ppo_micro_batch_size=args.micro, ppo_epochs=1
     )

@@ -106,14 +106,19 @@ def seq_count(mask: Array) -> Array:
 
 
 def agg_weights(
-    mask: Array, mode: str, n_tokens: Array | None = None, n_seqs: Array | float | None = None
+    mask: Array,
+    mode: str,
+    n_tokens: Array | None = None,
+    n_seqs: Array | float | None = None,
+    row_tokens: Array | None = None,
 ) -> Array:
     """Per-token weights w with sum(loss_mat * w) == agg_loss(loss_mat, mask, mode).
 
     The seq-mean modes average over rows with at least one loss token (``seq_count``), as veRL
     0.9: a failed or fully truncated episode must not shrink the others' loss. ``n_tokens`` /
     ``n_seqs`` override the normalisers (the mini-batch totals when ``mask`` is one micro-batch
-    of it).
+    of it). ``row_tokens`` (same shape as ``mask``) gives each token its sequence's loss-token
+    count, for packed rows where a row holds several sequences (default: the row's sum).
     """
     _check_mode(mode)
     m = mask.astype(jnp.float32)
@@ -123,7 +128,7 @@ def agg_weights(
     s = jnp.maximum(seq_count(m) if n_seqs is None else n_seqs, 1.0)
     if mode == "seq-mean-token-sum":
         return m / s
-    row = jnp.sum(m, axis=-1, keepdims=True)
+    row = jnp.sum(m, axis=-1, keepdims=True) if row_tokens is None else row_tokens
     return m / (jnp.maximum(row, 1.0) * s)  # an empty row has weight 0 (not NaN)
 
 

@@ -10,6 +10,9 @@ shuffling the batch (jax PRNG) into mini-batches of ``ppo_mini_batch_size`` sequ
 step per mini-batch, gradients accumulated over micro-batches (``lax.scan``). Losses are reduced
 with per-token weights from the whole mini-batch's token count and count of rows with a loss
 token (``losses.agg_weights``), so micro-batching gives the same update as the full mini-batch.
+With a ``pack`` from ``update.plan`` (host side: the shuffle, then each mini-batch packed into
+rows, see ``rl.packing``) the micro-batches are packed rows instead of padded sequences; the
+loss weights are the same per token, so the update is the same.
 The lr follows the training step (``state.step``, one per call), as veRL steps its scheduler once
 per training step.
 
@@ -27,6 +30,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -34,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from agentgym_jax import sharding as shd
 from agentgym_jax.rl import losses as L
+from agentgym_jax.rl import packing as PK
 from agentgym_jax.rl.advantages import kl_penalty
 from agentgym_jax.rl.config import ActorConfig, CriticConfig, OptimConfig
 from agentgym_jax.schedule import lr_schedule
@@ -108,11 +113,12 @@ def init_train_state(
 # forward passes
 
 
-def _logprobs(graphdef, params, ids, mask, temperature):
+def _logprobs(graphdef, params, ids, mask, temperature, positions=None, segment_ids=None):
     """(log-probs, entropy) [B, T] of ``ids``; the LM head in chunks of the model's
-    ``logits_chunk`` positions (0: all at once)."""
+    ``logits_chunk`` positions (0: all at once). Packed rows pass ``positions`` and
+    ``segment_ids`` instead of ``mask``."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(ids, mask)
+    hidden, _ = model.hidden_states(ids, mask, positions=positions, segment_ids=segment_ids)
 
     def head(h):
         logits = model.logits(h)
@@ -132,34 +138,62 @@ def _chunked(fn, batch, micro_batch_size):
     return jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), out)
 
 
+def _forward(fn, batch, micro_batch_size, packing):
+    """``fn(ids, mask, positions, segment_ids)`` over the batch in micro-batches of rows: the
+    padded rows, or with ``packing`` (``packing.pack`` of the whole batch, as device arrays
+    src / pos / row / offset) the packed rows, unpacked back to [B, T]."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if packing is None:
+        return _chunked(
+            lambda c: fn(c["input_ids"], c["attention_mask"], None, None),
+            {"input_ids": ids, "attention_mask": mask},
+            micro_batch_size,
+        )
+    src, pos = packing["src"], packing["pos"]
+    rows = {"input_ids": PK.gather(ids, src, pos), "pos": pos, "seg": PK.segment_ids(src)}
+    out = _chunked(lambda c: fn(c["input_ids"], None, c["pos"], c["seg"]), rows, micro_batch_size)
+    lengths = jnp.sum(mask, axis=-1)
+    return jax.tree.map(
+        lambda y: PK.unpack(y, packing["row"], packing["offset"], lengths, ids.shape[1]), out
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size", "temperature"))
 def compute_logprobs(
-    graphdef, params, batch, micro_batch_size: int | None = None, temperature: float = 1.0
+    graphdef,
+    params,
+    batch,
+    micro_batch_size: int | None = None,
+    temperature: float = 1.0,
+    packing: dict | None = None,
 ):
     """(logprobs [B, T], entropy [B, T]) of input_ids under params, aligned to input_ids.
 
     For old-policy and reference log-probs: the reference is the same graphdef with frozen params.
+    ``packing``: run the model on packed rows (see ``_forward``); the result is the same.
     """
-    ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def one(c):
-        return _logprobs(graphdef, params, c["input_ids"], c["attention_mask"], temperature)
+    def one(ids, mask, pos, seg):
+        return _logprobs(graphdef, params, ids, mask, temperature, pos, seg)
 
-    return _chunked(one, ins, micro_batch_size)
+    return _forward(one, batch, micro_batch_size, packing)
 
 
-def _values(graphdef, params, ids, mask):
-    return L.shift_right(nnx.merge(graphdef, params)(ids, mask))
+def _values(graphdef, params, ids, mask, positions=None, segment_ids=None):
+    out = nnx.merge(graphdef, params)(ids, mask, positions=positions, segment_ids=segment_ids)
+    return L.shift_right(out)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
-def compute_values(graphdef, params, batch, micro_batch_size: int | None = None):
+def compute_values(
+    graphdef, params, batch, micro_batch_size: int | None = None, packing: dict | None = None
+):
     """Critic values [B, T] aligned to input_ids (value of the state in which token t is chosen)."""
-    ins = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return _chunked(
-        lambda c: _values(graphdef, params, c["input_ids"], c["attention_mask"]),
-        ins,
+    return _forward(
+        lambda ids, mask, pos, seg: _values(graphdef, params, ids, mask, pos, seg),
+        batch,
         micro_batch_size,
+        packing,
     )
 
 
@@ -167,10 +201,18 @@ def compute_values(graphdef, params, batch, micro_batch_size: int | None = None)
 # losses over one micro-batch; every aux value is a pre-weighted sum (summed over micro-batches)
 
 
+def _rows_in(mb):
+    """(ids, mask, positions, segment_ids) of a micro-batch, padded or packed."""
+    if "segment_ids" in mb:
+        return mb["input_ids"], None, mb["positions"], mb["segment_ids"]
+    return mb["input_ids"], mb["attention_mask"], None, None
+
+
 def actor_loss(params, graphdef, mb, n_tokens, n_seqs, cfg: ActorConfig):
-    logp, ent = _logprobs(graphdef, params, mb["input_ids"], mb["attention_mask"], cfg.temperature)
+    ids, mask, pos, seg = _rows_in(mb)
+    logp, ent = _logprobs(graphdef, params, ids, mask, cfg.temperature, pos, seg)
     m = mb["loss_mask"].astype(jnp.float32)
-    w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
+    w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs, mb.get("row_tokens"))
     wt = m / jnp.maximum(n_tokens, 1.0)  # token-mean weights for metrics
     pg, clipped, lower, neg_kl = L.policy_loss_terms(
         logp,
@@ -198,9 +240,9 @@ def actor_loss(params, graphdef, mb, n_tokens, n_seqs, cfg: ActorConfig):
 
 
 def critic_loss(params, graphdef, mb, n_tokens, n_seqs, cfg: CriticConfig):
-    vpred = _values(graphdef, params, mb["input_ids"], mb["attention_mask"])
+    vpred = _values(graphdef, params, *_rows_in(mb))
     m = mb["loss_mask"].astype(jnp.float32)
-    w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs)
+    w = L.agg_weights(m, cfg.loss_agg_mode, n_tokens, n_seqs, mb.get("row_tokens"))
     wt = m / jnp.maximum(n_tokens, 1.0)
     per_tok, clipped = L.value_loss_terms(vpred, mb["values"], mb["returns"], cfg.cliprange_value)
     loss = jnp.sum(per_tok * w)
@@ -257,24 +299,46 @@ def _make_update(
     micro_sh = NamedSharding(mesh, P(None, *batch_sh.spec))  # [n_micro, micro, ...]
     rep = shd.replicated(mesh)
 
-    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
+    def minibatch(batch: dict, xs):
+        """(micro-batches [n_micro, micro, ...], mini-batch loss tokens, sequences)."""
+        if isinstance(xs, dict):  # packed: xs = one mini-batch's packing (``plan``)
+            src, pos = xs["src"], xs["pos"]
+            tok = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)  # [B]
+            mb = {k: PK.gather(v, src, pos) for k, v in batch.items() if k != "attention_mask"}
+            mb["positions"], mb["segment_ids"] = pos, PK.segment_ids(src)
+            mb["row_tokens"] = jnp.where(src >= 0, tok[jnp.maximum(src, 0)], 0.0)
+            r = src.shape[0]
+            mb = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(
+                    x.reshape((r // micro, micro) + x.shape[1:]), micro_sh
+                ),
+                mb,
+            )
+            mine = tok[xs["members"]]
+            return mb, jnp.sum(mine), jnp.sum((mine > 0).astype(jnp.float32))
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[xs], micro_sh), batch)
+        # Mini-batch totals (the loss weights' normalisers).
+        return mb, jnp.sum(mb["loss_mask"].astype(jnp.float32)), L.seq_count(mb["loss_mask"])
+
+    def step_fn(state: TrainState, batch: dict, rng: jax.Array, pack: dict | None = None):
         b = batch["input_ids"].shape[0]
         mini = cfg.ppo_mini_batch_size
         n_mini, n_micro = b // mini, mini // micro
-        if cfg.shuffle:
-            perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
-                jax.random.split(rng, cfg.ppo_epochs)
-            )
+        if pack is not None:
+            xs = pack  # the host's shuffle and packing (``plan``)
         else:
-            perms = jnp.tile(jnp.arange(b), (cfg.ppo_epochs, 1))
-        idx = perms.reshape(cfg.ppo_epochs * n_mini, n_micro, micro)
+            if cfg.shuffle:
+                perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
+                    jax.random.split(rng, cfg.ppo_epochs)
+                )
+            else:
+                perms = jnp.tile(jnp.arange(b), (cfg.ppo_epochs, 1))
+            xs = perms.reshape(cfg.ppo_epochs * n_mini, n_micro, micro)
         lr = jnp.asarray(sched(state.step), jnp.float32)
 
-        def mini_step(carry, ix):
+        def mini_step(carry, x):
             params, opt_state = carry
-            mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[ix], micro_sh), batch)
-            n_tok = jnp.sum(mb["loss_mask"].astype(jnp.float32))
-            n_seq = L.seq_count(mb["loss_mask"])  # mini-batch total, as n_tok
+            mb, n_tok, n_seq = minibatch(batch, x)
 
             def micro_step(g_acc, mc):
                 (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -302,7 +366,7 @@ def _make_update(
             aux[f"{prefix}/grad_norm"] = gnorm
             return (new_params, new_opt), aux
 
-        (params, opt_state), aux = jax.lax.scan(mini_step, (state.params, state.opt_state), idx)
+        (params, opt_state), aux = jax.lax.scan(mini_step, (state.params, state.opt_state), xs)
         metrics = jax.tree.map(jnp.mean, aux)
         metrics[f"{prefix}/lr"] = lr
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
@@ -310,12 +374,31 @@ def _make_update(
 
     jitted = jax.jit(
         step_fn,
-        in_shardings=(st_sh, batch_sh, rep),
+        in_shardings=(st_sh, batch_sh, rep, rep),
         out_shardings=(st_sh, rep),
         donate_argnums=(0,),
     )
 
-    def update(state: TrainState, batch: dict, rng: jax.Array):
+    def plan(lengths, row_len: int, seed) -> dict:
+        """Host side of a packed update: the epochs' shuffles (numpy, from ``seed``) and each
+        mini-batch's packing into rows of ``row_len``, as stacked arrays ``src`` / ``pos``
+        [n_mini * epochs, R, row_len] and ``members`` [n_mini * epochs, mini]. R is the same for
+        every mini-batch (a scan), a multiple of the micro-batch and at most the mini-batch."""
+        b, mini = len(lengths), cfg.ppo_mini_batch_size
+        rng = np.random.default_rng(seed)
+        perms = [rng.permutation(b) if cfg.shuffle else np.arange(b) for _ in range(cfg.ppo_epochs)]
+        members = np.concatenate(perms).reshape(-1, mini)
+        packs = [PK.pack(lengths, row_len, m) for m in members]
+        rows = min(PK.bucket(max(p.n_rows for p in packs), micro), mini)
+        packs = [p.with_rows(rows) for p in packs]
+        return {
+            "src": np.stack([p.src for p in packs]),
+            "pos": np.stack([p.pos for p in packs]),
+            "members": members.astype(np.int32),
+        }
+
+    def update(state: TrainState, batch: dict, rng: jax.Array, pack: dict | None = None):
+        """One step; ``pack`` (from ``plan``) runs it on packed rows, else on padded ones."""
         missing = [k for k in keys if k not in batch]
         if missing:
             raise KeyError(f"{prefix} update: batch lacks {missing}")
@@ -325,9 +408,10 @@ def _make_update(
                 f"{prefix}.ppo_mini_batch_size={cfg.ppo_mini_batch_size} must divide "
                 f"the batch size {b}"
             )
-        return jitted(state, {k: batch[k] for k in keys}, rng)
+        return jitted(state, {k: batch[k] for k in keys}, rng, pack)
 
     update.jitted = jitted  # for .lower(...).compile() memory reports
+    update.plan = plan
     return update
 
 

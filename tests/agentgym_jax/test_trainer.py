@@ -206,10 +206,11 @@ def test_nan_loss_is_skipped_then_stops(model_dir, tmp_path, monkeypatch):
     t = Trainer.from_config(cfg)
     real = t.ctx.learner.actor_update
 
-    def poisoned(state, batch, rng):  # NaN advantages -> NaN loss and grads
+    def poisoned(state, batch, rng, pack=None):  # NaN advantages -> NaN loss and grads
         batch = dict(batch, advantages=batch["advantages"] * np.nan)
-        return real(state, batch, rng)
+        return real(state, batch, rng, pack)
 
+    poisoned.plan = real.plan
     t.ctx.learner.actor_update = poisoned
     before = jax.tree.map(np.asarray, t.state.actor.params)
     try:
@@ -304,8 +305,13 @@ def test_jitted_prepare_matches_host_reference_on_8_devices(model_dir, tmp_path)
         old, _ = compute_logprobs(t.state.actor.graphdef, params, host)
     finally:
         t.close()
-    np.testing.assert_allclose(np.asarray(dev["old_logprobs"]), np.asarray(old), atol=2e-5)
-    np.testing.assert_allclose(np.asarray(dev["ref_logprobs"]), np.asarray(old), atol=2e-5)
+    # The prepare runs on packed rows (model.use_remove_padding): equal on every real token;
+    # padding, which the padded pass computes too, is 0 there.
+    real = batch["attention_mask"] > 0
+    assert cfg.model.use_remove_padding and (~real).any()
+    for k in ("old_logprobs", "ref_logprobs"):
+        np.testing.assert_allclose(np.asarray(dev[k])[real], np.asarray(old)[real], atol=2e-5)
+        assert not np.asarray(dev[k])[~real].any()
     host["old_logprobs"], host["ref_logprobs"] = old, old
     want = compute_advantages("grpo", host, cfg.algorithm, kl_coef=0.3)
     np.testing.assert_allclose(np.asarray(dev["advantages"]), want["advantages"], atol=1e-4)
