@@ -88,10 +88,10 @@ class Learner:
             out_shardings=(batch_sh, rep),
         )
         self.packed = cfg.model.use_remove_padding
-        # Rows of the log-prob / value passes come in micro-batches of both sizes.
-        self._rows_multiple = math.lcm(
-            cfg.actor.micro_batch_size, cfg.critic.micro_batch_size if critic is not None else 1
-        )
+        # Micro-batch sizes of the log-prob / value passes.
+        self._micros = [cfg.actor.micro_batch_size]
+        if critic is not None:
+            self._micros.append(cfg.critic.micro_batch_size)
 
     def init_state(self, actor: U.TrainState, critic: U.TrainState | None) -> LearnerState:
         # The update donates (frees) the old params, so the reference needs its own copy.
@@ -110,7 +110,7 @@ class Learner:
         if self.packed:
             lengths = self.lengths(batch)
             p = PK.pack(lengths, dev["input_ids"].shape[1])
-            p = p.with_rows(min(PK.bucket(p.n_rows, self._rows_multiple), len(lengths)))
+            p = p.with_rows(self._prepare_rows(p.n_rows, len(lengths)))
             packing = {"src": p.src, "pos": p.pos, "row": p.row, "offset": p.offset}
         return self._prepare(
             state.actor.params,
@@ -120,6 +120,14 @@ class Learner:
             jnp.float32(state.kl_coef),
             packing,
         )
+
+    def _prepare_rows(self, n: int, b: int) -> int:
+        """Rows of the packed log-prob / value passes: one micro-batch below the smallest
+        micro-batch size, else whole micro-batches of every size; at most ``b``, the batch."""
+        r = PK.rows_for(n, min(self._micros), shd.data_parallel_ways(self.mesh))
+        if r > min(self._micros):
+            r = PK.bucket(n, math.lcm(*self._micros))
+        return min(r, b)
 
     @staticmethod
     def lengths(batch: dict) -> np.ndarray:

@@ -15,8 +15,9 @@ the episode's own positions, so every per-token value equals the padded computat
 per attention path); losses, advantages and metrics stay in terms of episodes.
 
 Rows are filled first-fit in decreasing length (the classic bin-packing heuristic: within 11/9 of
-the fewest rows); callers round the row count up (``bucket``, ``Packing.with_rows``) to a
-multiple of their micro-batch, so the number of distinct compiled shapes stays small.
+the fewest rows); callers round the row count up (``rows_for``, ``Packing.with_rows``): to one
+micro-batch of fewer rows when they fit, else to whole micro-batches, along a short ladder of
+sizes so the number of distinct compiled shapes stays small.
 """
 
 from __future__ import annotations
@@ -87,6 +88,19 @@ def pack(lengths: Sequence[int], row_len: int, episodes: Sequence[int] | None = 
         src[row[i], offset[i] : offset[i] + n] = e
         pos[row[i], offset[i] : offset[i] + n] = np.arange(n)
     return Packing(src, pos, row, offset)
+
+
+def rows_for(n: int, micro: int, multiple: int = 1) -> int:
+    """Rows to hold ``n`` packed rows when micro-batches take at most ``micro`` rows (a multiple
+    of ``multiple``, the data-parallel ways): fewer than ``micro`` rows make one smaller
+    micro-batch (``bucket(n, multiple)``), more make whole ones (``bucket(n, micro)``)."""
+    r = bucket(n, multiple)
+    return r if r <= micro else bucket(n, micro)
+
+
+def micro_rows(rows: int, micro: int) -> int:
+    """Rows per micro-batch of a packed pass over ``rows`` (from ``rows_for``)."""
+    return min(rows, micro)
 
 
 def gather(x, src, pos):

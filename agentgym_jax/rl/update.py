@@ -151,7 +151,8 @@ def _forward(fn, batch, micro_batch_size, packing):
         )
     src, pos = packing["src"], packing["pos"]
     rows = {"input_ids": PK.gather(ids, src, pos), "pos": pos, "seg": PK.segment_ids(src)}
-    out = _chunked(lambda c: fn(c["input_ids"], None, c["pos"], c["seg"]), rows, micro_batch_size)
+    mb = PK.micro_rows(src.shape[0], micro_batch_size or src.shape[0])
+    out = _chunked(lambda c: fn(c["input_ids"], None, c["pos"], c["seg"]), rows, mb)
     lengths = jnp.sum(mask, axis=-1)
     return jax.tree.map(
         lambda y: PK.unpack(y, packing["row"], packing["offset"], lengths, ids.shape[1]), out
@@ -308,9 +309,10 @@ def _make_update(
             mb["positions"], mb["segment_ids"] = pos, PK.segment_ids(src)
             mb["row_tokens"] = jnp.where(src >= 0, tok[jnp.maximum(src, 0)], 0.0)
             r = src.shape[0]
+            m = PK.micro_rows(r, micro)
             mb = jax.tree.map(
                 lambda x: jax.lax.with_sharding_constraint(
-                    x.reshape((r // micro, micro) + x.shape[1:]), micro_sh
+                    x.reshape((r // m, m) + x.shape[1:]), micro_sh
                 ),
                 mb,
             )
@@ -383,13 +385,14 @@ def _make_update(
         """Host side of a packed update: the epochs' shuffles (numpy, from ``seed``) and each
         mini-batch's packing into rows of ``row_len``, as stacked arrays ``src`` / ``pos``
         [n_mini * epochs, R, row_len] and ``members`` [n_mini * epochs, mini]. R is the same for
-        every mini-batch (a scan), a multiple of the micro-batch and at most the mini-batch."""
+        every mini-batch (a scan) and at most the mini-batch: one micro-batch of R rows when R is
+        below the micro-batch size, else whole micro-batches (``packing.rows_for``)."""
         b, mini = len(lengths), cfg.ppo_mini_batch_size
         rng = np.random.default_rng(seed)
         perms = [rng.permutation(b) if cfg.shuffle else np.arange(b) for _ in range(cfg.ppo_epochs)]
         members = np.concatenate(perms).reshape(-1, mini)
         packs = [PK.pack(lengths, row_len, m) for m in members]
-        rows = min(PK.bucket(max(p.n_rows for p in packs), micro), mini)
+        rows = min(PK.rows_for(max(p.n_rows for p in packs), micro, n_dp), mini)
         packs = [p.with_rows(rows) for p in packs]
         return {
             "src": np.stack([p.src for p in packs]),

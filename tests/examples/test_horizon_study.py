@@ -9,6 +9,7 @@ from tests.helpers import ROOT
 TINY = [
     "data.train_batch_size=1",
     "rollout.n=2",
+    "actor.ppo_mini_batch_size=2",
     "rollout.max_tokens_per_turn=24",
     "env.kwargs.test_seeds=1",
     "data.val_batch_size=6",

@@ -45,8 +45,11 @@ def test_pack_subset_and_errors():
         PK.pack([5, 9], 8)
 
 
-def test_bucket_ladder():
+def test_bucket_ladder_and_rows():
     assert [PK.bucket(n, 4) for n in (1, 4, 5, 9, 13, 17, 25, 33)] == [4, 4, 8, 12, 16, 24, 32, 48]
+    # Below one micro-batch of 16: a smaller one (over 2 data ways); above: whole ones.
+    assert [PK.rows_for(n, 16, 2) for n in (1, 3, 5, 7, 13, 17, 40)] == [2, 4, 6, 8, 16, 32, 48]
+    assert [PK.micro_rows(r, 16) for r in (2, 6, 16, 48)] == [2, 6, 16, 16]
 
 
 def test_gather_and_unpack_against_numpy():
@@ -123,9 +126,13 @@ ACTOR = ActorConfig(
 )
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_packed_update_equals_padded(mode):
-    cfg = dataclasses.replace(ACTOR, loss_agg_mode=mode)
+@pytest.mark.parametrize(
+    "mode, micro",
+    [("token-mean", 2), ("seq-mean-token-mean", 2), ("seq-mean-token-sum", None)],
+)
+def test_packed_update_equals_padded(mode, micro):
+    # micro None: the mini-batch is one micro-batch, packed into fewer rows than sequences.
+    cfg = dataclasses.replace(ACTOR, loss_agg_mode=mode, ppo_micro_batch_size=micro)
     batch = _batch(1)
     batch["loss_mask"][5] = 0  # a sequence without loss tokens counts in no seq-mean
     mesh = one_device_mesh()
