@@ -48,7 +48,8 @@ class ModelSection:
     use_remove_padding: bool = True
     """Run the update and log-prob passes on packed rows: several trajectories per row of the
   step's padded length, each attending only to itself (segment ids), instead of one row per
-  trajectory padded to the longest. Same values and gradients (tested), fewer tokens computed."""
+  trajectory padded to the longest. Same values and gradients (tested), fewer tokens computed.
+  A pass that packing would not shrink by a quarter of its rows runs padded."""
 
 
 @dataclasses.dataclass

@@ -111,7 +111,8 @@ class Learner:
             lengths = self.lengths(batch)
             p = PK.pack(lengths, dev["input_ids"].shape[1])
             p = p.with_rows(self._prepare_rows(p.n_rows, len(lengths)))
-            packing = {"src": p.src, "pos": p.pos, "row": p.row, "offset": p.offset}
+            if PK.worth_it(p.n_rows, len(lengths)):
+                packing = {"src": p.src, "pos": p.pos, "row": p.row, "offset": p.offset}
         return self._prepare(
             state.actor.params,
             state.ref_params,
@@ -146,9 +147,10 @@ class Learner:
         lengths, t = (self.lengths(batch), dev["input_ids"].shape[1]) if self.packed else (None, 0)
 
         def pack(update, k):  # the same shuffle on every host: seeded by (seed, step, update)
-            return (
-                update.plan(lengths, t, (self.cfg.trainer.seed, step, k)) if self.packed else None
-            )
+            if not self.packed:
+                return None
+            plan = update.plan(lengths, t, (self.cfg.trainer.seed, step, k))
+            return plan if PK.worth_it(plan["src"].shape[1], plan["members"].shape[1]) else None
 
         critic = state.critic
         if self.critic_update is not None:

@@ -181,6 +181,8 @@ def packed_vs_padded(args):
                 "tokens": tokens,
                 "padded_fill": round(tokens / (b * t), 3),
                 "packed_rows": packing.n_rows,
+                # Below a quarter fewer rows the learner runs the pass padded (packing.worth_it).
+                "packing_applies": PK.worth_it(packing.n_rows, b),
                 "packed_fill": round(packing.fill(), 3),
                 "step_s_padded": round(padded_s, 3),
                 "step_s_packed": round(packed_s, 3),

@@ -11,8 +11,9 @@ TINY = [
     "rollout.n=2",
     "actor.ppo_mini_batch_size=2",
     "rollout.max_tokens_per_turn=24",
+    "env.kwargs.levels=[GoToLocal,Unlock]",
     "env.kwargs.test_seeds=1",
-    "data.val_batch_size=6",
+    "data.val_batch_size=2",
     "trainer.save_freq=1",
 ]
 
@@ -47,7 +48,9 @@ def test_study_runs_every_arm_then_resumes_and_skips(tmp_path, monkeypatch, caps
     assert study.main(["--steps", "1", *args, *TINY]) == 0
     r = json.loads(res.read_text())
     assert set(r["arms"]) == {"fixed_short", "fixed_long", "scaling_inter"}
-    assert r["steps"] == 1 and r["eval"]["max_turns"] == 15 and len(r["levels"]) == 6
+    assert (
+        r["steps"] == 1 and r["eval"]["max_turns"] == 15 and r["levels"] == ["GoToLocal", "Unlock"]
+    )
     for arm, a in r["arms"].items():
         assert a["seeds"] == [0], arm
         assert 0.0 <= a["final_success"][0] <= 1.0 and 0 < a["turns_used"][0] <= 15

@@ -50,6 +50,7 @@ def test_bucket_ladder_and_rows():
     # Below one micro-batch of 16: a smaller one (over 2 data ways); above: whole ones.
     assert [PK.rows_for(n, 16, 2) for n in (1, 3, 5, 7, 13, 17, 40)] == [2, 4, 6, 8, 16, 32, 48]
     assert [PK.micro_rows(r, 16) for r in (2, 6, 16, 48)] == [2, 6, 16, 16]
+    assert PK.worth_it(24, 32) and not PK.worth_it(25, 32)
 
 
 def test_gather_and_unpack_against_numpy():
