@@ -11,9 +11,12 @@ Prints one JSON object; ``speedup_vs_torch`` = torch step time / jax step time.
 ``--packed-vs-padded``: instead, one demo rollout (``--config``, at the horizon of training step
 ``--at-step``, default the last) and the learner's whole step on its batch (log-prob passes and
 the update), with ``model.use_remove_padding`` on vs off, alternating after a warm-up of each;
-prints ``packed_vs_padded`` = padded step time / packed step time, and tokens/s of both.
+prints ``packed_vs_padded`` = padded step time / packed step time, and tokens/s of both. The
+override ``trainer.output_dir=COPY_OF_A_RUN`` rolls out that run's trained policy instead of
+the base model.
 
   .venv/bin/python bench/update.py --packed-vs-padded [--config configs/demo.yaml] [--steps 3]
+      [trainer.output_dir=/tmp/copy_of_runs_demo]
 """
 
 from __future__ import annotations
@@ -149,6 +152,9 @@ def packed_vs_padded(args):
     )
     ctx = trainer.ctx
     try:
+        # With trainer.output_dir=RUN_DIR (a copy: the bench may write there) the rollout uses
+        # that run's newest checkpoint: a trained policy's episode lengths.
+        resumed = trainer.maybe_resume()
         at = args.at_step or cfg.trainer.total_training_steps
         settings = rollout_settings(cfg, ctx.horizon, at, eval_mode=False)
         episodes = ctx.rollout.run(list(next(ctx.sampler)), settings).episodes
@@ -176,6 +182,7 @@ def packed_vs_padded(args):
                 "bench": "update_packed_vs_padded",
                 "config": args.config,
                 "horizon": settings.max_turns,
+                "policy_step": resumed,
                 "episodes": b,
                 "seq_len": t,
                 "tokens": tokens,
