@@ -46,10 +46,10 @@ def test_pack_subset_and_errors():
 
 
 def test_bucket_ladder_and_rows():
-    assert [PK.bucket(n, 4) for n in (1, 4, 5, 9, 13, 17, 25, 33)] == [4, 4, 8, 12, 16, 24, 32, 48]
+    assert [PK.bucket(n, 4) for n in (1, 4, 5, 9, 13, 17, 25, 33)] == [4, 4, 8, 16, 16, 32, 32, 64]
     # Below one micro-batch of 16: a smaller one (over 2 data ways); above: whole ones.
-    assert [PK.rows_for(n, 16, 2) for n in (1, 3, 5, 7, 13, 17, 40)] == [2, 4, 6, 8, 16, 32, 48]
-    assert [PK.micro_rows(r, 16) for r in (2, 6, 16, 48)] == [2, 6, 16, 16]
+    assert [PK.rows_for(n, 16, 2) for n in (1, 3, 5, 7, 13, 17, 40)] == [2, 4, 8, 8, 16, 32, 64]
+    assert [PK.micro_rows(r, 16) for r in (2, 8, 16, 64)] == [2, 8, 16, 16]
     assert PK.worth_it(24, 32) and not PK.worth_it(25, 32)
 
 
