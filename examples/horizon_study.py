@@ -201,6 +201,7 @@ def main(argv=None) -> int:
             args.out, args.arms, seeds, steps, base.data.train_batch_size * base.rollout.n
         ),
         "levels": list(base.env.kwargs.get("levels", [])),
+        "seeds_requested": len(seeds),
         "steps": steps,
         "eval": {
             "tasks": base.data.val_batch_size,
@@ -211,6 +212,7 @@ def main(argv=None) -> int:
         "model": base.model.path,
         "this_invocation_s": round(time.perf_counter() - t0, 1),
     }
+    results["complete"] = all(len(a["seeds"]) == len(seeds) for a in results["arms"].values())
     for path in (args.results, args.plot):
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)

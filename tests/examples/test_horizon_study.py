@@ -49,7 +49,10 @@ def test_study_runs_every_arm_then_resumes_and_skips(tmp_path, monkeypatch, caps
     r = json.loads(res.read_text())
     assert set(r["arms"]) == {"fixed_short", "fixed_long", "scaling_inter"}
     assert (
-        r["steps"] == 1 and r["eval"]["max_turns"] == 15 and r["levels"] == ["GoToLocal", "Unlock"]
+        r["complete"]
+        and r["steps"] == 1
+        and r["eval"]["max_turns"] == 15
+        and r["levels"] == ["GoToLocal", "Unlock"]
     )
     for arm, a in r["arms"].items():
         assert a["seeds"] == [0], arm
