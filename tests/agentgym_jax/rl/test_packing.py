@@ -13,8 +13,8 @@ import pytest
 from agentgym_jax.rl import packing as PK
 from agentgym_jax.rl import update as U
 from agentgym_jax.rl.advantages import compute_advantages
-from agentgym_jax.rl.config import ActorConfig, AlgorithmConfig, CriticConfig
-from tests.agentgym_jax.rl.test_update import host, max_diff, one_device_mesh
+from agentgym_jax.rl.config import AlgorithmConfig, CriticConfig
+from tests.agentgym_jax.rl.test_update import BASE, host, max_diff, one_device_mesh
 from tests.helpers.rl_toy import make_batch, tiny_model
 
 
@@ -114,17 +114,8 @@ def test_packed_logprobs_values_and_advantages_equal_padded():
         np.testing.assert_allclose(np.asarray(a_p[k]), np.asarray(a[k]), atol=1e-5)
 
 
-ACTOR = ActorConfig(
-    lr=1e-2,
-    eps=1e-4,
-    ppo_mini_batch_size=4,
-    ppo_micro_batch_size=2,
-    ppo_epochs=2,
-    entropy_coeff=0.01,
-    kl_loss_coef=0.1,
-    clip_ratio_high=0.28,
-    shuffle=False,  # the padded path shuffles on device, the packed one on the host
-)
+# The padded path shuffles on device, the packed one on the host: compare them unshuffled.
+ACTOR = dataclasses.replace(BASE, ppo_micro_batch_size=2, shuffle=False)
 
 
 @pytest.mark.parametrize(
