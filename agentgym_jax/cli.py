@@ -138,13 +138,11 @@ def cmd_envs(args) -> int:
 
 def cmd_generate(args) -> int:
     """Smoke run: load a model + tokenizer, generate a reply to a prompt."""
-    import transformers
-
     from agentgym_jax.engine import generate
-    from agentgym_jax.models import from_pretrained, resolve_model_path
+    from agentgym_jax.models import from_pretrained, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(args.model)
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     model = from_pretrained(path)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True

@@ -32,6 +32,7 @@ from agentgym_jax.models import (
     critic_from_pretrained,
     dtype_from_name,
     from_pretrained,
+    load_tokenizer,
     resolve_model_path,
 )
 from agentgym_jax.rl import update as U
@@ -120,8 +121,6 @@ def checkpointer_for(
 
 
 def build_context(cfg: TrainConfig, purpose: Literal["train", "eval"] = "train") -> Context:
-    import transformers
-
     if purpose not in ("train", "eval"):
         raise ValueError(f"build_context: purpose={purpose!r}: allowed 'train', 'eval'")
     out_dir = os.path.abspath(cfg.trainer.output_dir)
@@ -138,7 +137,7 @@ def build_context(cfg: TrainConfig, purpose: Literal["train", "eval"] = "train")
     tok_dir = (
         resolve_model_path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else model_dir
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     driver = make_driver(cfg.env)  # unknown envs and bad kwargs fail here, before compiling
     actor = load_actor(cfg, mesh)
     engine = Engine(

@@ -24,6 +24,33 @@ def builtin_models() -> list[str]:
     return sorted(os.listdir(ASSETS_DIR)) if os.path.isdir(ASSETS_DIR) else []
 
 
+# Tokenizers saved as a plain ``tokenizer.json`` pipeline (no model-specific class).
+_GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a local directory, as the model was trained with it.
+
+    ``AutoTokenizer`` in transformers 5 picks the class of ``config.json``'s model type (a
+    ``qwen2`` model gets ``Qwen2Tokenizer``) even when ``tokenizer_config.json`` names the
+    generic fast tokenizer, and that class rebuilds the pipeline with its own pre-tokenizer:
+    the same text then encodes to other ids than the model saw in training. A generic
+    ``tokenizer_class`` therefore loads as itself; anything else goes through AutoTokenizer.
+    """
+    import json
+
+    import transformers
+
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            cls = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        cls = None
+    if cls in _GENERIC_TOKENIZERS:
+        return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def resolve_model_path(path: str) -> str:
     """``builtin:NAME`` -> the embedded model directory; anything else must be a local dir."""
     if path.startswith(BUILTIN_PREFIX):

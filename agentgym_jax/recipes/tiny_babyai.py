@@ -4,7 +4,7 @@ language but not the solution.
 
     path = pretrain_tiny("/tmp/tiny", levels=DEFAULT_LEVELS, episodes=2000, steps=600, seed=0)
     model = agentgym_jax.models.from_pretrained(path)            # like any HF checkpoint
-    tok = transformers.AutoTokenizer.from_pretrained(path)       # offline, local files only
+    tok = agentgym_jax.models.load_tokenizer(path)               # offline, local files only
 
 The package ships one such checkpoint at ``DEFAULT_MODEL_DIR``
 (``python -m agentgym_jax.recipes.tiny_babyai --output-dir DIR`` rebuilds it).
@@ -212,9 +212,9 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
 
 
 def load_tokenizer(path: str | os.PathLike = DEFAULT_MODEL_DIR):
-    from transformers import AutoTokenizer
+    from agentgym_jax.models import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    return load(os.fspath(path))
 
 
 def encode(tok, text: str) -> list[int]:

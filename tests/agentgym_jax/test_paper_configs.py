@@ -131,14 +131,12 @@ def test_turn_budget_arithmetic():
 
 def test_response_budget_bounds_tokens_after_the_prompt(agent_dir):
     """An engine with room to spare: the response budget, not max_len, ends the episodes."""
-    import transformers
-
     from agentgym_jax.engine import Engine, EngineConfig
     from agentgym_jax.engine.chat import ChatDeltas
     from agentgym_jax.envs_driver import EnvDriver
-    from agentgym_jax.models import from_pretrained
+    from agentgym_jax.models import from_pretrained, load_tokenizer
 
-    tok = transformers.AutoTokenizer.from_pretrained(agent_dir)
+    tok = load_tokenizer(agent_dir)
     model = from_pretrained(agent_dir)
     engine = Engine(model, EngineConfig(num_slots=3, max_len=2048, prefill_buckets=(64, 256, 1024)))
     ro = Rollout(

@@ -5,12 +5,11 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 from agentgym_jax.engine import Engine, EngineConfig
 from agentgym_jax.engine.chat import ChatDeltas
 from agentgym_jax.envs_driver import EnvDriver
-from agentgym_jax.models import from_pretrained
+from agentgym_jax.models import from_pretrained, load_tokenizer
 from agentgym_jax.rl.losses import sequence_logprobs
 from agentgym_jax.rollout import (
     Episode,
@@ -30,7 +29,7 @@ LEVELS = {"levels": ["GoToRedBallNoDists"]}
 @pytest.fixture(scope="module")
 def agent(agent_dir):
     d = agent_dir
-    tok = transformers.AutoTokenizer.from_pretrained(d)
+    tok = load_tokenizer(d)
     model = from_pretrained(d)
     return d, tok, model
 
