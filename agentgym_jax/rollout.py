@@ -196,13 +196,19 @@ class Rollout:
         )
 
     def run(
-        self, tasks: Sequence[tuple[int, int]], s: RolloutSettings, *, first_uid: int = 0
+        self,
+        tasks: Sequence[tuple[int, int]],
+        s: RolloutSettings,
+        *,
+        first_uid: int = 0,
+        check: Callable[[], None] | None = None,
     ) -> RolloutResult:
         """Episodes for ``tasks`` (``data.Task`` or (task_id, group) pairs) under settings ``s``.
 
         Episode ``i`` gets uid ``first_uid + i``, and its sampling seed follows the uid: a host
         running its share of a step (``data.host_share``) passes the share's position in the
-        whole step, so an episode samples the same stream whichever host runs it."""
+        whole step, so an episode samples the same stream whichever host runs it. ``check`` is
+        called between engine calls; it may raise to abandon the rollout (a stop signal)."""
         eng = self.engine
         t0 = time.perf_counter()
         book = EpisodeBook(
@@ -215,6 +221,8 @@ class Rollout:
             self.pool.submit_reset(e.uid, e.task_id)
         env_wait = decode_time = 0.0
         while book.count(Phase.DONE) < len(book.episodes):
+            if check is not None:
+                check()
             # 1) Collect env replies (block only when the engine has nothing to do).
             if n_env := book.count(Phase.RESETTING, Phase.WAITING_ENV):
                 tw = time.perf_counter()

@@ -204,7 +204,9 @@ class Trainer:
         # agreed from gathered numbers (a few per episode), never from one host's view.
         tasks, first = my_share(next(ctx.sampler))
         with self._abandonable():
-            result = ctx.rollout.run(tasks, settings, **_uids_from(first))
+            result = ctx.rollout.run(
+                tasks, settings, check=self._raise_if_stopping, **_uids_from(first)
+            )
         episodes = result.episodes
         t_roll = time.perf_counter()
         hosts = shd.process_allgather_np(
@@ -257,7 +259,7 @@ class Trainer:
     def evaluate(
         self, step: int, task_ids=None, prefix: str = "eval"
     ) -> tuple[dict[str, float], list[Episode]]:
-        return evaluate(self.ctx, step, task_ids, prefix)
+        return evaluate(self.ctx, step, task_ids, prefix, check=self._raise_if_stopping)
 
     # ---- the loop ----
     def _on_signal(self, signum, frame):
@@ -268,6 +270,12 @@ class Trainer:
             log.warning("received signal %d: abandoning this step, saving the last one", signum)
             raise _Preempted
         log.warning("received signal %d: will save and stop after this step's update", signum)
+
+    def _raise_if_stopping(self) -> None:
+        """Polled by the rollout between engine calls: the handler's own raise can be lost
+        (a signal handled inside a weakref callback or ``__del__`` only prints it)."""
+        if self._abandon_ok and self._stop_signal is not None:
+            raise _Preempted
 
     @contextlib.contextmanager
     def _abandonable(self):
@@ -410,16 +418,16 @@ def _is_main_process() -> bool:
 
 
 def evaluate(
-    ctx: Context, step: int, task_ids=None, prefix: str = "eval"
+    ctx: Context, step: int, task_ids=None, prefix: str = "eval", check=None
 ) -> tuple[dict[str, float], list[Episode]]:
     """Held-out episodes (``rollout.val_n`` per task) with the engine's current weights ->
-    (metrics of all of them, this process's episodes)."""
+    (metrics of all of them, this process's episodes). ``check``: see ``Rollout.run``."""
     cfg = ctx.cfg
     task_ids = ctx.val_ids if task_ids is None else task_ids
     settings = rollout_settings(cfg, ctx.horizon, step, eval_mode=True)
     tasks = expand_groups(task_ids, cfg.rollout.val_n)
     mine, first = my_share(tasks)
-    eps = ctx.rollout.run(mine, settings, **_uids_from(first)).episodes
+    eps = ctx.rollout.run(mine, settings, check=check, **_uids_from(first)).episodes
     n = jax.process_count()
     rows = max(len(host_share(tasks, i, n)[0]) for i in range(n))
     m = table_metrics(global_table(episode_table(eps), rows), prefix)
