@@ -10,7 +10,9 @@ TINY = [
     "data.train_batch_size=1",
     "rollout.n=2",
     "actor.ppo_mini_batch_size=2",
-    "rollout.max_tokens_per_turn=24",
+    "rollout.max_tokens_per_turn=16",
+    "data.max_response_length=1024",  # fewer attention buckets to compile
+    "trainer.val_before_train=false",
     "env.kwargs.levels=[GoToLocal,Unlock]",
     "env.kwargs.test_seeds=1",
     "data.val_batch_size=2",
@@ -58,7 +60,7 @@ def test_study_runs_every_arm_then_resumes_and_skips(tmp_path, monkeypatch, caps
         assert a["seeds"] == [0], arm
         assert 0.0 <= a["final_success"][0] <= 1.0 and 0 < a["turns_used"][0] <= 15
         rows = _metrics(out / arm / "seed0")
-        assert [m["step"] for m in rows if "eval/success_rate" in m] == [0, 1]
+        assert [m["step"] for m in rows if "eval/success_rate" in m] == [1]
     horizons = {
         arm: _metrics(out / arm / "seed0")[-1]["train/horizon"]
         for arm in ("fixed_short", "fixed_long")
