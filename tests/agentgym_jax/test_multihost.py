@@ -91,10 +91,11 @@ def launch(tmp, model_dir, out, steps, **env_extra) -> dict[int, dict]:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, f"2-process run failed ({p.returncode}):\n{log[-6000:]}"
     results = {}
-    for line in log.splitlines():
-        if line.startswith("MH_RESULT "):
-            r = json.loads(line[len("MH_RESULT ") :])
-            results[r["process"]] = r
+    # Both processes write to one pipe: a result may share a line with the other's output.
+    dec = json.JSONDecoder()
+    for piece in log.split("MH_RESULT ")[1:]:
+        r, _ = dec.raw_decode(piece)
+        results[r["process"]] = r
     assert sorted(results) == [0, 1], log[-4000:]
     return results
 

@@ -396,8 +396,8 @@ def test_second_ctrl_c_exits_at_once_and_all_env_failures_stop(model_dir, tmp_pa
             t._on_signal(signal.SIGINT, None)
         real = t.ctx.rollout.run
 
-        def all_fail(tasks, settings):
-            result = real(tasks, settings)
+        def all_fail(tasks, settings, **kw):
+            result = real(tasks, settings, **kw)
             for e in result.episodes:
                 e.error, e.truncated = "env worker crashed", None
             return RolloutResult(result.episodes, result.stats)

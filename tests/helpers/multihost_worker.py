@@ -60,7 +60,11 @@ def main(argv: list[str]) -> int:
 
     T.train = train_and_keep
     rc = cli.main(["--distributed", "train", *argv])
-    print("MH_RESULT " + json.dumps({"process": pid, "rc": rc, "summary": summary}), flush=True)
+    # One write (a pipe keeps writes under 4 KiB whole), not print's text-then-newline.
+    sys.stdout.write(
+        "MH_RESULT " + json.dumps({"process": pid, "rc": rc, "summary": summary}) + "\n"
+    )
+    sys.stdout.flush()
     return rc
 
 
