@@ -113,13 +113,9 @@ def fork(state: SlotState, src, dst, seeds, *, copy_len: int) -> SlotState:
     token; each destination gets a fresh RNG key ``fold_in(key(0), seeds[r])``, as a prefilled
     episode does."""
 
-    def copy(c):
-        rows = jnp.take(c[:, :, :copy_len], src, axis=1)
-        return c.at[:, dst, :copy_len].set(rows, mode="drop")
-
     fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(0), s)))(seeds)
     return SlotState(
-        cache=KVCache(k=copy(state.cache.k), v=copy(state.cache.v)),
+        cache=state.cache.copy_slots(src, dst, copy_len),
         length=state.length.at[dst].set(state.length[src], mode="drop"),
         pending=state.pending.at[dst].set(state.pending[src], mode="drop"),
         rng=state.rng.at[dst].set(fresh.astype(jnp.uint32), mode="drop"),

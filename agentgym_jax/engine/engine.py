@@ -208,23 +208,17 @@ class Engine:
         mcfg = self._cache_cfg[0]
         if self.mesh is not None:
             mesh, rules = self.mesh, self._rules
-            shape = (
-                mcfg.num_hidden_layers,
-                num_slots,
-                max_len,
-                mcfg.num_key_value_heads,
-                mcfg.head_dim,
-            )
-            axes = ("layers", "slots", "length", "kv_heads", "head_dim")
-            kv = shd.sharding_for(axes, shape, mesh, rules)
+            k_shape, v_shape = KVCache.shapes(mcfg, num_slots, max_len)
+            k = shd.sharding_for(KVCache.K_AXES, k_shape, mesh, rules)
+            v = shd.sharding_for(KVCache.V_AXES, v_shape, mesh, rules)
             per_slot = shd.sharding_for(("slots",), (num_slots,), mesh, rules)
             rng = NamedSharding(mesh, P(*per_slot.spec, None))
         else:
             # Pin the state to the params' device with an explicit sharding, so the first call's
             # (uncommitted) state and later (committed) states hit the same compiled function.
             dev = sorted(jax.tree.leaves(self.params)[0].devices(), key=lambda d: d.id)[:1]
-            kv = per_slot = rng = NamedSharding(Mesh(np.asarray(dev), ("x",)), P())
-        return core.SlotState(KVCache(kv, kv), per_slot, per_slot, rng)
+            k = v = per_slot = rng = NamedSharding(Mesh(np.asarray(dev), ("x",)), P())
+        return core.SlotState(KVCache(k, v), per_slot, per_slot, rng)
 
     def count_compiles(self, fn):
         """Wrap a function about to be jitted so each trace adds one to ``num_compiles``."""

@@ -58,6 +58,24 @@ def grouped_softmax(q, k, v, mask):
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
+def cached_attention(q, k, v, mask):
+    """Attention over a KV cache: q [B,T,H,D], k [B,KV,D,S], v [B,KV,S,D], mask [B,T,S] bool.
+
+    The cache-side operands are used in their stored layout; only q and the output (T rows) are
+    transposed, so that both dots have their batch dims (B, KV) leading.
+    """
+    b, t, h, d = q.shape
+    n_kv, s = k.shape[1], k.shape[3]
+    g = h // n_kv
+    qg = q.reshape(b, t, n_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, g * t, d)
+    logits = jnp.einsum("bkqd,bkds->bkqs", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, n_kv, g, t, s) / math.sqrt(d)
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype).reshape(b, n_kv, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    return out.reshape(b, n_kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def xla_causal(q, k, v, segment_ids, q_block: int = 0):
     """Blocked causal attention: query block i reads keys [0, end of block i) only."""
     t = q.shape[1]

@@ -22,50 +22,87 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agentgym_jax.models import attention as attn
-from agentgym_jax.models.attention import causal_attention, grouped_softmax
+from agentgym_jax.models.attention import cached_attention, causal_attention
 from agentgym_jax.models.config import ModelConfig
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer: ``k`` is [layers, slots, max_len, kv_heads, head_dim].
+    """Keys and values of every layer: ``k`` is [layers, slots, kv_heads, head_dim, max_len] and
+    ``v`` is [layers, slots, kv_heads, max_len, head_dim].
 
     Stacked like the layers' parameters, so the layers can run under one ``lax.scan`` with the
-    cache in its carry (updated in place): compile time does not grow with depth.
+    cache in its carry (updated in place): compile time does not grow with depth. Keys are stored
+    transposed so both attention dots read the cache as it lies: with [slots, max_len, ...] XLA
+    copied a transposed window of both every layer and step, the largest cost of a CPU decode step.
     """
 
     k: jax.Array
     v: jax.Array
 
+    K_AXES = ("layers", "slots", "kv_heads", "head_dim", "length")
+    V_AXES = ("layers", "slots", "kv_heads", "length", "head_dim")
+
+    @staticmethod
+    def shapes(cfg: ModelConfig, batch: int, max_len: int) -> tuple[tuple, tuple]:
+        n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        return (n, batch, kv, d, max_len), (n, batch, kv, max_len, d)
+
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        k_shape, v_shape = cls.shapes(cfg, batch, max_len)
+        return cls(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v.shape[3]
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[1]
+        return self.v.shape[1]
 
     def take_slots(self, slot_ids: jax.Array, length: int | None = None) -> KVCache:
         """The rows of ``slot_ids``, their first ``length`` (static) entries (ids out of range
         read as zeros)."""
         n = self.max_len if length is None else min(int(length), self.max_len)
-
-        def take(c):
-            return jnp.take(c, slot_ids, axis=1, mode="fill", fill_value=0)[:, :, :n]
-
-        return KVCache(k=take(self.k), v=take(self.v))
+        rows = lambda c: jnp.take(c, slot_ids, axis=1, mode="fill", fill_value=0)  # noqa: E731
+        return KVCache(k=rows(self.k)[..., :n], v=rows(self.v)[:, :, :, :n])
 
     def set_slots(self, slot_ids: jax.Array, rows: KVCache) -> KVCache:
         """Write ``rows`` (the first ``rows.max_len`` entries) back at ``slot_ids``
         (out-of-range ids are dropped)."""
         n = rows.max_len
-        put = lambda c, r: c.at[:, slot_ids, :n].set(r.astype(c.dtype), mode="drop")  # noqa: E731
-        return KVCache(k=put(self.k, rows.k), v=put(self.v, rows.v))
+        k = self.k.at[:, slot_ids, ..., :n].set(rows.k.astype(self.k.dtype), mode="drop")
+        v = self.v.at[:, slot_ids, :, :n].set(rows.v.astype(self.v.dtype), mode="drop")
+        return KVCache(k=k, v=v)
+
+    def copy_slots(self, src: jax.Array, dst: jax.Array, length: int) -> KVCache:
+        """Copy the first ``length`` (static) entries of slot ``src[r]`` into slot ``dst[r]``
+        (dst ids out of range are dropped)."""
+        return self.set_slots(dst, self.take_slots(src, length))
+
+
+def cache_write(ck, cv, layer, cache_index, k, v):
+    """Write k / v [B, T, KV, D] of ``layer`` at ``cache_index[b] + t`` of stacked ``ck`` / ``cv``.
+
+    mode="drop": a write past max_len is discarded instead of being clamped onto (and corrupting)
+    earlier entries, as dynamic_update_slice would do.
+    """
+    b, t, n_kv, _ = k.shape
+    rows = jnp.arange(b)[:, None, None]
+    heads = jnp.arange(n_kv)[None, None, :]
+    idx = (cache_index[:, None] + jnp.arange(t)[None, :])[:, :, None]
+    ck = ck.at[layer, rows, heads, :, idx].set(k.astype(ck.dtype), mode="drop")
+    cv = cv.at[layer, rows, heads, idx].set(v.astype(cv.dtype), mode="drop")
+    return ck, cv
+
+
+def cache_read(ck, cv, layer, length: int):
+    """The first ``length`` (static) entries of ``layer``: k [B, KV, D, S], v [B, KV, S, D]."""
+    _, b, n_kv, d, _ = ck.shape
+    k = jax.lax.dynamic_slice(ck, (layer, 0, 0, 0, 0), (1, b, n_kv, d, length))[0]
+    v = jax.lax.dynamic_slice(cv, (layer, 0, 0, 0, 0), (1, b, n_kv, length, d))[0]
+    return k, v
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -194,18 +231,10 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_kv = None
         if kv is not None:
-            # mode="drop": a write past max_len is discarded instead of being clamped onto (and
-            # corrupting) earlier entries, as dynamic_update_slice would do.
-            ck, cv = kv
-            idx = ctx.cache_index[:, None] + jnp.arange(t)[None, :]
-            rows = jnp.arange(b)[:, None]
-            ck = ck.at[layer, rows, idx].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[layer, rows, idx].set(v.astype(cv.dtype), mode="drop")
-            s_len = ctx.mask.shape[-1]
-            window = (1, b, s_len, self.n_kv, self.head_dim)
-            read = lambda c: jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), window)[0]  # noqa: E731
-            k_all, v_all = read(ck).astype(x.dtype), read(cv).astype(x.dtype)
-            out, new_kv = grouped_softmax(q, k_all, v_all, ctx.mask), (ck, cv)
+            ck, cv = cache_write(*kv, layer, ctx.cache_index, k, v)
+            k_all, v_all = cache_read(ck, cv, layer, ctx.mask.shape[-1])
+            out = cached_attention(q, k_all.astype(x.dtype), v_all.astype(x.dtype), ctx.mask)
+            new_kv = (ck, cv)
         else:
             out = causal_attention(
                 q, k, v, ctx.segment_ids, impl=ctx.impl, q_block=ctx.q_block, mesh=ctx.mesh

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agentgym_jax.engine.sampling import SamplingParams, sample
+from agentgym_jax.engine.sampling import SamplingParams, categorical, first_argmax, sample
 
 
 def reference_probs(logits, temperature, top_p, top_k):
@@ -84,3 +84,20 @@ def test_per_slot_settings_mix_in_one_batch():
     assert np.all(tok[:n] == np.argmax(LOGITS))
     top2 = set(np.argsort(-LOGITS)[:2].tolist())
     assert set(tok[n:].tolist()) == top2
+
+
+def test_first_argmax_matches_numpy_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(64, 300)).astype(np.float32)  # many tied maxima
+    x[3] = -np.inf
+    x[4, :] = -np.inf
+    x[4, 7] = 2.0
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, -1))
+
+
+def test_categorical_draws_what_jax_random_categorical_draws():
+    keys = jax.random.split(jax.random.key(3), 32)
+    logits = jax.random.normal(jax.random.key(4), (32, 1000)) * 3
+    logits = logits.at[:, 500:].set(-jnp.inf)  # filtered tail, as top-k leaves it
+    want = jax.vmap(jax.random.categorical)(keys, logits)
+    np.testing.assert_array_equal(np.asarray(jax.jit(categorical)(keys, logits)), np.asarray(want))
