@@ -178,7 +178,15 @@ def _prepare(
     ``packing`` (of the whole batch) runs the model on packed rows."""
     micro, temp = cfg.actor.micro_batch_size, cfg.actor.temperature
     out = dict(batch)
-    out["old_logprobs"], _ = U.compute_logprobs(actor_def, actor_p, batch, micro, temp, packing)
+    metrics = {}
+    if cfg.actor.old_logprobs == "rollout":
+        out["old_logprobs"] = batch["rollout_logprobs"]
+    else:
+        old, _ = U.compute_logprobs(actor_def, actor_p, batch, micro, temp, packing)
+        out["old_logprobs"] = old
+        # Sampler vs trainer log-probs of the same tokens: ~0 for a token-exact rollout.
+        diff = jnp.abs(old - batch["rollout_logprobs"])
+        metrics["train/logprob_mismatch"] = _masked_mean(diff, batch["loss_mask"])
     if ref_p is not None:
         out["ref_logprobs"], _ = U.compute_logprobs(actor_def, ref_p, batch, micro, temp, packing)
     if critic_def is not None:
@@ -188,12 +196,6 @@ def _prepare(
     adv = compute_advantages(cfg.algorithm.adv_estimator, out, cfg.algorithm, kl_coef=kl_coef)
     out["advantages"], out["returns"] = adv["advantages"], adv["returns"]
     mask = batch["loss_mask"]
-    # Sampler vs trainer log-probs of the same tokens: should be ~0 (a token-exact rollout).
-    metrics = {
-        "train/logprob_mismatch": _masked_mean(
-            jnp.abs(out["old_logprobs"] - batch["rollout_logprobs"]), mask
-        )
-    }
     if "kl_in_reward" in adv:
         has_tokens = jnp.any(mask > 0, axis=-1)
         metrics["train/kl_in_reward"] = _masked_mean(adv["kl_in_reward"], has_tokens)

@@ -186,10 +186,18 @@ class ActorConfig(OptimConfig):
     temperature: float | None = None
     """Logits are divided by it before log-probs. None (default): the sampler's, i.e.
   ``rollout.temperature`` in a TrainConfig (which refuses any other value), 1.0 alone."""
+    old_logprobs: str = "recompute"
+    """Where the PPO ratio's behaviour log-probs come from. ``recompute`` (veRL's default): one
+  more forward pass of the actor over the batch before the update. ``rollout``: the sampler's own
+  log-probs of the tokens it drew (full softmax at the rollout temperature), which skips that
+  pass. Safe when sampler and trainer compute the same numbers (this engine in float32 runs the
+  trainer's model code: ``train/logprob_mismatch`` ~1e-7 on the demo); keep ``recompute`` when
+  rollout numerics differ (bf16 decode vs float32 training, another engine)."""
 
     def __post_init__(self):
         p = "actor"
         self._validate_optim(p)
+        _choice(p, "old_logprobs", self.old_logprobs, ("recompute", "rollout"))
         if (
             not isinstance(self.clip_ratio_low, (int, float))
             or not 0.0 <= self.clip_ratio_low < 1.0

@@ -317,6 +317,35 @@ def test_jitted_prepare_matches_host_reference_on_8_devices(model_dir, tmp_path)
     assert float(metrics["train/kl_in_reward"]) == pytest.approx(0.0, abs=1e-5)  # ref == actor
 
 
+def test_old_logprobs_from_the_rollout_skip_the_pass_and_equal_a_recompute(model_dir, tmp_path):
+    """actor.old_logprobs=rollout: the update's behaviour log-probs are the sampler's, which
+    equal the actor's forward pass on every model token (this engine runs the same model code)."""
+    from agentgym_jax.rl.update import compute_logprobs
+    from agentgym_jax.rollout import to_batch
+
+    cfg = cfg_for(model_dir, str(tmp_path), "actor.old_logprobs=rollout")
+    t = Trainer.from_config(cfg)
+    try:
+        episodes = t.ctx.rollout.run(
+            next(t.ctx.sampler), rollout_settings(cfg, t.ctx.horizon, 1, eval_mode=False)
+        ).episodes
+        batch = to_batch(episodes, pad_multiple=128)
+        dev, metrics = t.ctx.learner.prepare(t.state, batch)
+        host = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+        old, _ = compute_logprobs(
+            t.state.actor.graphdef, jax.device_get(t.state.actor.params), host
+        )
+        _, step_metrics = t.ctx.learner.step(t.state, batch, 1)
+    finally:
+        t.close()
+    np.testing.assert_array_equal(np.asarray(dev["old_logprobs"]), batch["rollout_logprobs"])
+    assert "train/logprob_mismatch" not in metrics
+    mask = batch["loss_mask"] > 0
+    assert mask.sum() > 50
+    np.testing.assert_allclose(batch["rollout_logprobs"][mask], np.asarray(old)[mask], atol=2e-5)
+    assert np.isfinite(step_metrics["actor/pg_loss"])  # the update runs on them
+
+
 def test_adaptive_kl_in_reward_moves_logs_and_resumes(model_dir, tmp_path):
     out = str(tmp_path / "kl")
     extra = (
