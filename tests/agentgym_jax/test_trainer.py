@@ -47,6 +47,14 @@ def params_of(run_dir, model_dir, step):
         t.close()
 
 
+def rollout_batch(t, cfg):
+    """One training rollout of trainer ``t`` as a host batch."""
+    from agentgym_jax.rollout import to_batch
+
+    settings = rollout_settings(cfg, t.ctx.horizon, 1, eval_mode=False)
+    return to_batch(t.ctx.rollout.run(next(t.ctx.sampler), settings).episodes, pad_multiple=128)
+
+
 def test_grpo_run_then_resume_is_bit_identical(model_dir, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     s = train(cfg_for(model_dir, straight, "trainer.total_training_steps=4", "actor.lr=1e-3"))
@@ -284,7 +292,6 @@ def test_jitted_prepare_matches_host_reference_on_8_devices(model_dir, tmp_path)
     fake devices, equal a host computation (unsharded forward + compute_advantages)."""
     from agentgym_jax.rl.advantages import compute_advantages
     from agentgym_jax.rl.update import compute_logprobs
-    from agentgym_jax.rollout import to_batch
 
     cfg = cfg_for(
         model_dir,
@@ -295,10 +302,7 @@ def test_jitted_prepare_matches_host_reference_on_8_devices(model_dir, tmp_path)
     )
     t = Trainer.from_config(cfg)
     try:
-        episodes = t.ctx.rollout.run(
-            next(t.ctx.sampler), rollout_settings(cfg, t.ctx.horizon, 1, eval_mode=False)
-        ).episodes
-        batch = to_batch(episodes, pad_multiple=128)
+        batch = rollout_batch(t, cfg)
         dev, metrics = t.ctx.learner.prepare(t.state, batch)
         params = jax.device_get(t.state.actor.params)
         host = {k: jax.numpy.asarray(v) for k, v in batch.items()}
@@ -321,15 +325,11 @@ def test_old_logprobs_from_the_rollout_skip_the_pass_and_equal_a_recompute(model
     """actor.old_logprobs=rollout: the update's behaviour log-probs are the sampler's, which
     equal the actor's forward pass on every model token (this engine runs the same model code)."""
     from agentgym_jax.rl.update import compute_logprobs
-    from agentgym_jax.rollout import to_batch
 
     cfg = cfg_for(model_dir, str(tmp_path), "actor.old_logprobs=rollout")
     t = Trainer.from_config(cfg)
     try:
-        episodes = t.ctx.rollout.run(
-            next(t.ctx.sampler), rollout_settings(cfg, t.ctx.horizon, 1, eval_mode=False)
-        ).episodes
-        batch = to_batch(episodes, pad_multiple=128)
+        batch = rollout_batch(t, cfg)
         dev, metrics = t.ctx.learner.prepare(t.state, batch)
         host = {k: jax.numpy.asarray(v) for k, v in batch.items()}
         old, _ = compute_logprobs(
