@@ -98,17 +98,20 @@ class Learner:
         ref = jax.tree.map(jnp.copy, actor.params) if self.cfg.ref.enable else None
         return LearnerState(actor, critic, ref, self._kl_ctrl.value)
 
-    def prepare(self, state: LearnerState, batch: dict) -> tuple[dict, dict]:
+    def prepare(
+        self, state: LearnerState, batch: dict, lengths: np.ndarray | None = None
+    ) -> tuple[dict, dict]:
         """(device batch with old_logprobs / ref_logprobs / values / advantages / returns,
         device metrics) for a host batch (with several processes: this host's rows of the
-        global batch, see ``sharding.shard_batch``)."""
+        global batch, see ``sharding.shard_batch``). ``lengths``: ``Learner.lengths(batch)``
+        when the caller has it already (it is a collective across hosts)."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"learner: batch lacks {missing}")
         dev = shd.shard_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh)
         packing = None
         if self.packed:
-            lengths = self.lengths(batch)
+            lengths = self.lengths(batch) if lengths is None else lengths
             p = PK.pack(lengths, dev["input_ids"].shape[1])
             p = p.with_rows(self._prepare_rows(p.n_rows, len(lengths)))
             if PK.worth_it(p.n_rows, len(lengths)):
@@ -142,9 +145,10 @@ class Learner:
         On a non-finite gradient norm the update skips the optimizer step (params unchanged);
         the donated old state is gone either way, so the returned state is the one to keep.
         """
-        dev, metrics = self.prepare(state, batch)
+        lengths = self.lengths(batch) if self.packed else None
+        dev, metrics = self.prepare(state, batch, lengths)
         rng = jax.random.fold_in(jax.random.key(self.cfg.trainer.seed), step)
-        lengths, t = (self.lengths(batch), dev["input_ids"].shape[1]) if self.packed else (None, 0)
+        t = dev["input_ids"].shape[1]
 
         def pack(update, k):  # the same shuffle on every host: seeded by (seed, step, update)
             if not self.packed:
