@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -294,8 +295,15 @@ def train_lm(
     seed: int,
     pad_id: int,
     log_every: int = 10,
+    ckpt_dir: str | os.PathLike | None = None,
+    save_every: int = 50,
 ):
-    """AdamW next-token training in one jitted step; returns the per-step loss history."""
+    """AdamW next-token training in one jitted step; returns the per-step loss history.
+
+    With ``ckpt_dir``, params, optimizer state, step and losses are saved there every
+    ``save_every`` steps (atomically), and a call that finds them resumes: the data stream is
+    replayed to the saved step, so a resumed run trains on the same batches as an unbroken one.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -323,8 +331,16 @@ def train_lm(
     step = jax.jit(step, donate_argnums=(0, 1))
     data = _batches(rows, batch, seq_len, pad_id, np.random.default_rng(seed))
     losses = []
+    start = 0
+    if ckpt_dir is not None:
+        restored = _load_pretrain_ckpt(ckpt_dir, params, opt_state, steps)
+        if restored is not None:
+            params, opt_state, start, losses = restored
+            for _ in range(start):  # replay the data stream to where the run stopped
+                next(data)
+            log.info("pretrain: resumed at step %d from %s", start, ckpt_dir)
     t0 = time.time()
-    for i in range(steps):
+    for i in range(start, steps):
         ids, w = next(data)
         params, opt_state, loss = step(params, opt_state, jnp.asarray(ids), jnp.asarray(w))
         if i % log_every == 0 or i == steps - 1:
@@ -333,11 +349,56 @@ def train_lm(
                 "pretrain step %d/%d loss %.4f (%.1fs)", i + 1, steps, losses_val, time.time() - t0
             )
         losses.append(loss)
+        if ckpt_dir is not None and ((i + 1) % save_every == 0 or i + 1 == steps):
+            _save_pretrain_ckpt(ckpt_dir, params, opt_state, i + 1, losses, steps)
     nnx.update(model, params)
     return [float(x) for x in losses]
 
 
-_NOT_SETTINGS = ("out_dir", "levels", "baseline_horizon", "baseline_repeats")
+_CKPT = "pretrain_state.msgpack"
+
+
+def _save_pretrain_ckpt(ckpt_dir, params, opt_state, step: int, losses, steps: int) -> None:
+    import jax
+    from flax import serialization
+
+    hist = np.zeros((steps,), np.float32)
+    hist[: len(losses)] = [float(x) for x in losses]
+    leaves = [np.asarray(x) for x in jax.tree.leaves((params, opt_state))]
+    blob = serialization.msgpack_serialize(
+        {"leaves": dict(enumerate(leaves)), "step": np.int64(step), "losses": hist}
+    )
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = os.path.join(ckpt_dir, _CKPT + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, os.path.join(ckpt_dir, _CKPT))  # a kill mid-write keeps the previous one
+
+
+def _load_pretrain_ckpt(ckpt_dir, params, opt_state, steps: int):
+    """(params, opt_state, step, losses) from ``ckpt_dir``, or None when there is none."""
+    import jax
+    from flax import serialization
+
+    path = os.path.join(ckpt_dir, _CKPT)
+    if not os.path.exists(path):
+        return None
+    want, treedef = jax.tree.flatten((params, opt_state))
+    with open(path, "rb") as f:
+        got = serialization.msgpack_restore(f.read())
+    leaves = [got["leaves"][i] for i in range(len(got["leaves"]))]
+    shapes = [(x.shape, x.dtype) for x in leaves]
+    if shapes != [(x.shape, x.dtype) for x in want] or got["losses"].shape != (steps,):
+        raise ValueError(
+            f"{path} holds another run's state (model shape or step count differ); "
+            "delete it to start over"
+        )
+    params, opt_state = jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])
+    step = int(got["step"])
+    return params, opt_state, step, [float(x) for x in got["losses"][:step]]
+
+
+_NOT_SETTINGS = ("out_dir", "levels", "baseline_horizon", "baseline_repeats", "save_every")
 
 
 def pretrain_tiny(
@@ -357,6 +418,8 @@ def pretrain_tiny(
     seq_len: int = 1024,
     lr: float = 3e-3,
     obs_weight: float = 1.0,
+    init_from: str | None = None,
+    save_every: int = 50,
     baseline_horizon: int = 8,
     baseline_repeats: int = 5,
 ) -> str:
@@ -364,6 +427,10 @@ def pretrain_tiny(
 
     Returns ``out_dir``: an HF directory (config.json, model.safetensors, tokenizer files) plus
     ``pretrain_info.json`` with the settings, losses and the random-policy baseline.
+    ``init_from``: continue training that model (and keep its tokenizer; the architecture
+    arguments are then ignored). Training state is saved in ``out_dir/checkpoint`` every
+    ``save_every`` steps: the same call after an interruption resumes, and a finished run
+    removes it.
     """
     # Recorded in pretrain_info.json: the arguments but out_dir, levels (kept apart) and the
     # baseline's, in signature order.
@@ -394,7 +461,14 @@ def pretrain_tiny(
         + "".join(render_message(m["role"], m["content"]) for m in ep["messages"])
         for ep in eps
     ]
-    tok = train_tokenizer(chats, vocab_size, out)
+    ckpt_dir = out / "checkpoint"
+    if init_from is not None:
+        tok = load_tokenizer(init_from)
+        tok.save_pretrained(os.fspath(out))
+    elif (ckpt_dir / _CKPT).exists() and (out / "tokenizer.json").exists():
+        tok = load_tokenizer(out)  # resuming: the ids the saved state was trained on
+    else:
+        tok = train_tokenizer(chats, vocab_size, out)
     rows = [episode_tokens(tok, instruction, ack, ep, obs_weight) for ep in eps]
     n_pre = rows[0][1].index(1.0) if 1.0 in rows[0][1] else len(rows[0][1])
     if seq_len <= n_pre + 16:
@@ -413,7 +487,12 @@ def pretrain_tiny(
         eos=(tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)),
         pad=tok.pad_token_id,
     )
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    if init_from is not None:
+        from agentgym_jax.models import from_pretrained
+
+        model = from_pretrained(init_from)
+    else:
+        model = Transformer(cfg, rngs=nnx.Rngs(seed))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     t1 = time.time()
     losses = train_lm(
@@ -425,6 +504,8 @@ def pretrain_tiny(
         lr=lr,
         seed=seed,
         pad_id=tok.pad_token_id,
+        ckpt_dir=ckpt_dir,
+        save_every=save_every,
     )
     t_train = time.time() - t1
     save_pretrained(model, out)
@@ -462,6 +543,7 @@ def pretrain_tiny(
     }
     with open(out / "pretrain_info.json", "w") as f:
         json.dump(info, f, indent=2)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the HF files are the result
     log.info(
         "saved tiny model to %s (loss %.3f -> %.3f, %d params)",
         out,
@@ -574,9 +656,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--obs-weight", type=float, default=1.0, help="loss weight of observation tokens"
+    )
+    p.add_argument(
+        "--init-from", default=None, help="continue training this model (keeps its tokenizer)"
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=50,
+        help="checkpoint period in steps; rerun the same command to resume",
+    )
     p.add_argument("--eval", action="store_true", help="also sample the model on the test split")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -590,9 +686,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab_size=a.vocab_size,
         hidden=a.hidden,
         layers=a.layers,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
         batch=a.batch,
         seq_len=a.seq_len,
         lr=a.lr,
+        obs_weight=a.obs_weight,
+        init_from=a.init_from,
+        save_every=a.save_every,
     )
     if a.eval:
         res = evaluate_model(path, levels=a.levels)

@@ -6,8 +6,10 @@ import json
 import os
 import random
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from agentgym_jax.recipes import tiny_babyai as tiny
 
@@ -187,21 +189,34 @@ def test_evaluate_model_runs_through_engine_and_rollout(tok, monkeypatch):
     assert valid >= 6, [e.messages[3]["content"] for e in eps]
 
 
-def test_pretrain_tiny_miniature(tmp_path):
+MINI = dict(
+    levels=["GoToRedBallNoDists"],
+    episodes=6,
+    max_turns=2,
+    baseline_horizon=2,
+    baseline_repeats=1,
+    vocab_size=600,
+    hidden=32,
+    layers=1,
+    heads=2,
+    kv_heads=1,
+    seed=0,
+    batch=2,
+    seq_len=640,
+    lr=1e-2,
+)
+
+
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory):
+    return tiny.pretrain_tiny(tmp_path_factory.mktemp("mini") / "m", steps=12, **MINI)
+
+
+def test_pretrain_tiny_miniature(miniature):
     from agentgym_jax.models import from_pretrained, load_tokenizer
 
-    arch = dict(vocab_size=600, hidden=32, layers=1, heads=2, kv_heads=1)
-    schedule = dict(steps=12, seed=0, batch=2, seq_len=640, lr=1e-2)
-    out = tiny.pretrain_tiny(
-        tmp_path / "m",
-        levels=["GoToRedBallNoDists"],
-        episodes=6,
-        max_turns=2,
-        baseline_horizon=2,
-        baseline_repeats=1,
-        **arch,
-        **schedule,
-    )
+    out = miniature
+    assert not os.path.exists(os.path.join(out, "checkpoint"))  # removed once finished
     with open(os.path.join(out, "pretrain_info.json")) as f:
         info = json.load(f)
     assert info["loss_last10"] < info["loss_first"] - 0.5, info
@@ -215,6 +230,44 @@ def test_pretrain_tiny_miniature(tmp_path):
         [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
     ).endswith("<|im_start|>assistant\n")
     assert np.isfinite(info["loss_last10"])
+
+
+def test_pretraining_resumes_where_it_was_interrupted(miniature, tmp_path, monkeypatch):
+    """A run killed after its step-4 checkpoint, rerun, ends with the params of an unbroken run."""
+    from agentgym_jax.models import from_pretrained
+
+    def params(path):
+        return jax.tree.map(np.asarray, nnx.state(from_pretrained(path), nnx.Param))
+
+    kw = dict(MINI, steps=6, save_every=2, init_from=miniature)
+    whole = tiny.pretrain_tiny(tmp_path / "whole", **kw)
+    real = tiny._save_pretrain_ckpt
+
+    def save_then_die(ckpt_dir, params, opt_state, step, losses, steps):
+        real(ckpt_dir, params, opt_state, step, losses, steps)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "_save_pretrain_ckpt", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.pretrain_tiny(tmp_path / "broken", **kw)
+    assert os.path.exists(tmp_path / "broken" / "checkpoint" / tiny._CKPT)
+    monkeypatch.setattr(tiny, "_save_pretrain_ckpt", real)
+    resumed = tiny.pretrain_tiny(tmp_path / "broken", **kw)
+    jax.tree.map(np.testing.assert_array_equal, params(resumed), params(whole))
+    with open(os.path.join(resumed, "pretrain_info.json")) as f:
+        info = json.load(f)
+    with open(os.path.join(whole, "pretrain_info.json")) as f:
+        assert info["loss_last10"] == json.load(f)["loss_last10"]
+    # init_from keeps the tokenizer and starts from the trained weights, not from scratch.
+    assert info["settings"]["init_from"] == miniature
+    with (
+        open(os.path.join(miniature, "tokenizer.json")) as f,
+        open(resumed + "/tokenizer.json") as g,
+    ):
+        assert json.load(f)["model"] == json.load(g)["model"]
+    with open(os.path.join(miniature, "pretrain_info.json")) as f:
+        assert info["loss_first"] < json.load(f)["loss_first"] - 0.5
 
 
 def test_pretrain_rejects_bad_arguments(tmp_path):
