@@ -51,6 +51,30 @@ def finished(d: str, steps: int) -> bool:
     return s.get("step", 0) >= steps and not s.get("preempted")
 
 
+def check_same_settings(d: str, cfg) -> None:
+    """A run found in ``d`` must have been made with ``cfg``: a study whose config, model or
+    overrides changed would otherwise mix results of different settings."""
+    from agentgym_jax.config import load_config, to_yaml
+
+    saved = os.path.join(d, "config.yaml")
+    if not os.path.exists(saved):
+        return
+    was = load_config(saved)
+    # Not part of a run's identity: the path it was reached by, and its length (a longer study
+    # continues its runs), which for a fixed limit also moves the unused stage length.
+    was.trainer.output_dir = cfg.trainer.output_dir
+    was.trainer.total_training_steps = cfg.trainer.total_training_steps
+    if was.algorithm.rounds_ctrl.type == "fixed":
+        was.algorithm.rounds_ctrl.steps_scaling_inter = (
+            cfg.algorithm.rounds_ctrl.steps_scaling_inter
+        )
+    if to_yaml(was) != to_yaml(cfg):
+        raise SystemExit(
+            f"{d} was trained with other settings than this study's ({saved}); "
+            "use a fresh --out (or move the old runs aside) after changing the config"
+        )
+
+
 def run_overrides(arm: str, seed: int, steps: int | None, out: str, extra) -> list[str]:
     ov = [*ARMS[arm], f"trainer.seed={seed}", f"data.seed={seed}"]
     if steps:
@@ -184,12 +208,19 @@ def main(argv=None) -> int:
         for arm in args.arms:
             d = run_dir(args.out, arm, seed)
             if finished(d, steps):
+                check_same_settings(
+                    d,
+                    load_config(
+                        args.config, run_overrides(arm, seed, args.steps, args.out, args.overrides)
+                    ),
+                )
                 print(f"== {arm} seed {seed}: finished, skipped ({d})", flush=True)
                 continue
             print(f"== {arm} seed {seed} -> {d}", flush=True)
             cfg = load_config(
                 args.config, run_overrides(arm, seed, args.steps, args.out, args.overrides)
             )
+            check_same_settings(d, cfg)
             if train(cfg).get("preempted"):
                 interrupted = True
                 break

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from tests.helpers import ROOT
 
 TINY = [
@@ -78,3 +80,6 @@ def test_study_runs_every_arm_then_resumes_and_skips(tmp_path, monkeypatch, caps
     assert study.main(["--steps", "2", "--arms", "fixed_short", *args, *TINY]) == 0
     assert "finished, skipped" in capsys.readouterr().out
     assert json.loads(res.read_text())["arms"]["fixed_short"]["seeds"] == [0]
+    # Other settings in the same --out: refused, not mixed into the results.
+    with pytest.raises(SystemExit, match="other settings"):
+        study.main(["--steps", "2", "--arms", "fixed_short", *args, *TINY, "actor.lr=1e-5"])
