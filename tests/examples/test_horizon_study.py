@@ -12,6 +12,7 @@ TINY = [
     "data.train_batch_size=1",
     "rollout.n=2",
     "actor.ppo_mini_batch_size=2",
+    "actor.ppo_micro_batch_size=2",
     "rollout.max_tokens_per_turn=16",
     "data.max_response_length=1024",  # fewer attention buckets to compile
     "trainer.val_before_train=false",
