@@ -29,7 +29,8 @@ class SlotState:
     """Device state of the slot batch (the part that jitted steps replace and donate)."""
 
     cache: KVCache
-    """[layers, slots, max_len, kv_heads, head_dim] keys and values."""
+    """Keys [layers, slots, kv_heads, head_dim, max_len] and values [layers, slots, kv_heads,
+    max_len, head_dim] (see ``KVCache``)."""
     length: jax.Array
     """[S] int32: tokens encoded in the cache (the pending token is at position ``length``)."""
     pending: jax.Array
