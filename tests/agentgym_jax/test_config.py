@@ -56,6 +56,7 @@ BAD_VALUES = """\
 actor.lr=abc  =>  actor.lr
 actor.not_a_knob=1  =>  actor.not_a_knob.*allowed keys
 algorithm.adv_estimator=ppo2  =>  adv_estimator.*grpo
+actor.old_logprobs=vllm  =>  old_logprobs.*recompute
 model.dtype=fp8  =>  model.dtype.*bfloat16
 rollout.n=1  actor.ppo_mini_batch_size=16  =>  rollout.n >= 2
 actor.ppo_mini_batch_size=7  =>  ppo_mini_batch_size
