@@ -207,20 +207,14 @@ def main(argv=None) -> int:
     for seed in seeds:
         for arm in args.arms:
             d = run_dir(args.out, arm, seed)
-            if finished(d, steps):
-                check_same_settings(
-                    d,
-                    load_config(
-                        args.config, run_overrides(arm, seed, args.steps, args.out, args.overrides)
-                    ),
-                )
-                print(f"== {arm} seed {seed}: finished, skipped ({d})", flush=True)
-                continue
-            print(f"== {arm} seed {seed} -> {d}", flush=True)
             cfg = load_config(
                 args.config, run_overrides(arm, seed, args.steps, args.out, args.overrides)
             )
             check_same_settings(d, cfg)
+            if finished(d, steps):
+                print(f"== {arm} seed {seed}: finished, skipped ({d})", flush=True)
+                continue
+            print(f"== {arm} seed {seed} -> {d}", flush=True)
             if train(cfg).get("preempted"):
                 interrupted = True
                 break

@@ -478,20 +478,20 @@ def pretrain_tiny(
         )
     lens = np.array([len(r[0]) for r in rows])
 
-    cfg = tiny_config(
-        len(tok),
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        eos=(tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)),
-        pad=tok.pad_token_id,
-    )
     if init_from is not None:
         from agentgym_jax.models import from_pretrained
 
         model = from_pretrained(init_from)
     else:
+        cfg = tiny_config(
+            len(tok),
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            kv_heads=kv_heads,
+            eos=(tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(EOT)),
+            pad=tok.pad_token_id,
+        )
         model = Transformer(cfg, rngs=nnx.Rngs(seed))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     t1 = time.time()
