@@ -641,6 +641,99 @@ def evaluate_model(
     }
 
 
+def _char_to_token(tok, ids: list[int]) -> np.ndarray | None:
+    """Start offset (in the decoded text) of each token, or None when decoding token by token
+    does not rebuild the text (then spans cannot be located by characters)."""
+    pieces = [tok.decode([t]) for t in ids]
+    if "".join(pieces) != tok.decode(ids):
+        return None
+    return np.cumsum([0] + [len(x) for x in pieces])
+
+
+def copy_spans(tok, reply_ids: list[int]) -> dict[str, tuple[int, int]]:
+    """Token spans [i0, i1) of a reply's copied parts: ``goal`` (the goal restated in the
+    thought, a copy of the first observation's) and ``action_line`` (a copy of the action the
+    thought names). Only whole tokens inside the span's characters are included."""
+    offs = _char_to_token(tok, reply_ids)
+    if offs is None:
+        return {}
+    text = tok.decode(reply_ids)
+    out = {}
+    marks = {
+        "goal": ("My goal is to", ". I will"),  # the goal's first token carries its space
+        "action_line": ("\n\nAction:\n", None),
+    }
+    for key, (start, end) in marks.items():
+        c0 = text.find(start)
+        c1 = len(text) if end is None else text.find(end, c0 + 1)
+        if c0 < 0 or c1 < 0:
+            continue
+        c0 += len(start)
+        i0 = int(np.searchsorted(offs, c0, side="left"))  # first token starting in the span
+        if end is None:  # up to the end-of-turn marker that closes the reply
+            body = text[c0:].split(IM_END)[0].rstrip("\n")
+            c1 = c0 + len(body)
+        i1 = int(np.searchsorted(offs, c1, side="right")) - 1  # tokens ending inside it
+        if i1 > i0:
+            out[key] = (i0, i1)
+    return out
+
+
+def copy_nll(logits_fn, tok, instruction: str, ack: str, episodes, max_tokens: int = 3072):
+    """Teacher-forced loss, in nats per token, on the parts of each reply that copy the context
+    (``copy_spans``), over random-policy ``episodes``; ``logits_fn(ids [T]) -> [T, V]``.
+
+    In these transcripts both parts are exact copies, so a model that reads its context scores
+    near 0, while one that only learned the reply template pays about log(choices) on every
+    colour and object word (log 6 = 1.8 for the colours) and names actions that are not offered.
+    """
+    import jax
+
+    sums = {"goal": [], "action_line": []}
+    for ep in episodes:
+        ids = encode(
+            tok,
+            system_text() + render_message("user", instruction) + render_message("assistant", ack),
+        )
+        replies = []
+        for m in ep["messages"]:
+            piece = encode(tok, render_message(m["role"], m["content"]))
+            if m["role"] == "assistant":
+                replies.append((len(ids), piece))
+            ids += piece
+        ids = ids[:max_tokens]
+        logp = np.asarray(jax.nn.log_softmax(np.asarray(logits_fn(ids[:-1]), np.float32), -1))
+        tok_lp = logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]  # tok_lp[t-1]: log p(ids[t])
+        for start, piece in replies:
+            if start + len(piece) > len(ids):
+                break
+            for key, (i0, i1) in copy_spans(tok, piece).items():
+                sums[key].extend(-tok_lp[start + i0 - 1 : start + i1 - 1])
+    return {k: (round(float(np.mean(v)), 3) if v else None) for k, v in sums.items()} | {
+        "tokens": {k: len(v) for k, v in sums.items()}
+    }
+
+
+def copy_check(model_dir, levels, episodes: int = 16, max_turns: int = 15, seed: int = 321):
+    """``copy_nll`` of a saved model on random-policy episodes of the test split."""
+    import jax.numpy as jnp
+
+    from agentgym_jax.models import from_pretrained
+
+    levels = tuple(levels)
+    tok = load_tokenizer(model_dir)
+    model = from_pretrained(model_dir)
+    env = _make_env(levels)
+    instruction, ack = env.instruction(), env.ack
+    env.close()
+    eps = collect_transcripts(levels, episodes, max_turns, seed, split="test")
+    max_len = model.config.max_position_embeddings
+    res = copy_nll(
+        lambda ids: model(jnp.asarray([ids]))[0], tok, instruction, ack, eps, max_tokens=max_len
+    )
+    return {"episodes": episodes, "max_turns": max_turns, **res}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="agentgym-jax pretrain-tiny", description=__doc__.split("\n\n")[0]
@@ -700,9 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.path.join(path, "pretrain_info.json")) as f:
             info = json.load(f)
         info["base_model_eval"] = res
+        info["copy_check"] = copy_check(path, a.levels)
         with open(os.path.join(path, "pretrain_info.json"), "w") as f:
             json.dump(info, f, indent=2)
-        print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
+        shown = {k: v for k, v in res.items() if k != "examples"}
+        print(json.dumps({**shown, "copy_check": info["copy_check"]}, indent=2))
     print(path)
     return 0
 
