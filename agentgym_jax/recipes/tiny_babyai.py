@@ -690,11 +690,11 @@ def copy_nll(logits_fn, tok, instruction: str, ack: str, episodes, max_tokens: i
     import jax
 
     sums = {"goal": [], "action_line": []}
+    preamble = (
+        system_text() + render_message("user", instruction) + render_message("assistant", ack)
+    )
     for ep in episodes:
-        ids = encode(
-            tok,
-            system_text() + render_message("user", instruction) + render_message("assistant", ack),
-        )
+        ids = encode(tok, preamble)
         replies = []
         for m in ep["messages"]:
             piece = encode(tok, render_message(m["role"], m["content"]))
