@@ -222,15 +222,25 @@ def encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def episode_tokens(tok, instruction: str, ack: str, ep: dict, obs_weight: float):
-    """(ids, weights) for an episode, encoded message by message; weight 0 on the fixed preamble."""
+def encode_episode(tok, instruction: str, ack: str, ep: dict):
+    """(ids, pieces): the episode encoded message by message after the fixed preamble, and each
+    message's (role, start, ids) within ``ids``."""
     pre = system_text() + render_message("user", instruction) + render_message("assistant", ack)
     ids = encode(tok, pre)
-    w = [0.0] * len(ids)
+    pieces = []
     for m in ep["messages"]:
         piece = encode(tok, render_message(m["role"], m["content"]))
+        pieces.append((m["role"], len(ids), piece))
         ids += piece
-        w += [1.0 if m["role"] == "assistant" else obs_weight] * len(piece)
+    return ids, pieces
+
+
+def episode_tokens(tok, instruction: str, ack: str, ep: dict, obs_weight: float):
+    """(ids, weights) for an episode, encoded message by message; weight 0 on the fixed preamble."""
+    ids, pieces = encode_episode(tok, instruction, ack, ep)
+    w = [0.0] * (len(ids) - sum(len(p) for _, _, p in pieces))
+    for role, _, piece in pieces:
+        w += [1.0 if role == "assistant" else obs_weight] * len(piece)
     return ids, w
 
 
@@ -641,7 +651,7 @@ def evaluate_model(
     }
 
 
-def _char_to_token(tok, ids: list[int]) -> np.ndarray | None:
+def _token_offsets(tok, ids: list[int]) -> np.ndarray | None:
     """Start offset (in the decoded text) of each token, or None when decoding token by token
     does not rebuild the text (then spans cannot be located by characters)."""
     pieces = [tok.decode([t]) for t in ids]
@@ -654,7 +664,7 @@ def copy_spans(tok, reply_ids: list[int]) -> dict[str, tuple[int, int]]:
     """Token spans [i0, i1) of a reply's copied parts: ``goal`` (the goal restated in the
     thought, a copy of the first observation's) and ``action_line`` (a copy of the action the
     thought names). Only whole tokens inside the span's characters are included."""
-    offs = _char_to_token(tok, reply_ids)
+    offs = _token_offsets(tok, reply_ids)
     if offs is None:
         return {}
     text = tok.decode(reply_ids)
@@ -690,23 +700,16 @@ def copy_nll(logits_fn, tok, instruction: str, ack: str, episodes, max_tokens: i
     import jax
 
     sums = {"goal": [], "action_line": []}
-    preamble = (
-        system_text() + render_message("user", instruction) + render_message("assistant", ack)
-    )
     for ep in episodes:
-        ids = encode(tok, preamble)
-        replies = []
-        for m in ep["messages"]:
-            piece = encode(tok, render_message(m["role"], m["content"]))
-            if m["role"] == "assistant":
-                replies.append((len(ids), piece))
-            ids += piece
+        ids, pieces = encode_episode(tok, instruction, ack, ep)
         ids = ids[:max_tokens]
         logp = np.asarray(jax.nn.log_softmax(np.asarray(logits_fn(ids[:-1]), np.float32), -1))
         tok_lp = logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]  # tok_lp[t-1]: log p(ids[t])
-        for start, piece in replies:
+        for role, start, piece in pieces:
             if start + len(piece) > len(ids):
                 break
+            if role != "assistant":
+                continue
             for key, (i0, i1) in copy_spans(tok, piece).items():
                 sums[key].extend(-tok_lp[start + i0 - 1 : start + i1 - 1])
     return {k: (round(float(np.mean(v)), 3) if v else None) for k, v in sums.items()} | {
