@@ -294,6 +294,43 @@ def _batches(rows, batch: int, seq_len: int, pad_id: int, rng: np.random.Generat
         yield ids, w
 
 
+# The copy warm-up's batches: random token segments repeated between random filler.
+COPY_WARMUP = {"batch": 32, "seq_len": 256, "lr": 3e-3, "min_segment": 8, "max_segment": 64}
+COPY_FIRST_ID = 10  # sampled ids start above the special tokens (0-2 here), with a margin
+
+
+def _copy_batches(batch: int, seq_len: int, vocab: int, rng: np.random.Generator):
+    """Endless batches in ``_batches``' layout, where every target is a copy of the context.
+
+    Each row is one random segment (8-64 ids) repeated to the end of the row, the repeats
+    separated by random-length prefixes of one random filler. Only the repeats' tokens after
+    their first are weighted: each follows a token whose earlier occurrence says what comes
+    next, which is what an induction head learns (a token read back by position, not meaning).
+    """
+    lo, hi = COPY_FIRST_ID, vocab
+    if hi - lo < 16:
+        raise ValueError(f"vocabulary of {vocab} ids is too small for the copy warm-up")
+    while True:
+        ids = np.zeros((batch, seq_len + 1), np.int32)
+        w = np.zeros((batch, seq_len), np.float32)
+        for b in range(batch):
+            seg = rng.integers(
+                lo, hi, rng.integers(COPY_WARMUP["min_segment"], COPY_WARMUP["max_segment"])
+            )
+            filler = rng.integers(lo, hi, seq_len + 1)
+            row: list[int] = []
+            wt: list[float] = []
+            while len(row) < seq_len + 1:
+                row += list(seg)
+                wt += [0.0] * len(seg) if not wt else [0.0] + [1.0] * (len(seg) - 1)
+                k = rng.integers(0, 64)
+                row += list(filler[:k])
+                wt += [0.0] * k
+            ids[b] = row[: seq_len + 1]
+            w[b] = wt[1 : seq_len + 1]
+        yield ids, w
+
+
 def train_lm(
     model,
     rows,
@@ -307,8 +344,13 @@ def train_lm(
     log_every: int = 10,
     ckpt_dir: str | os.PathLike | None = None,
     save_every: int = 50,
+    data=None,
+    name: str = "pretrain",
 ):
     """AdamW next-token training in one jitted step; returns the per-step loss history.
+
+    Batches come from ``rows`` (token ids and target weights per transcript) or, when given,
+    from ``data``: an endless iterator of ``(ids [B, seq_len + 1], weights [B, seq_len])``.
 
     With ``ckpt_dir``, params, optimizer state, step and losses are saved there every
     ``save_every`` steps (atomically), and a call that finds them resumes: the data stream is
@@ -339,7 +381,8 @@ def train_lm(
 
     # Params and optimizer state are replaced every step: donate them.
     step = jax.jit(step, donate_argnums=(0, 1))
-    data = _batches(rows, batch, seq_len, pad_id, np.random.default_rng(seed))
+    if data is None:
+        data = _batches(rows, batch, seq_len, pad_id, np.random.default_rng(seed))
     losses = []
     start = 0
     if ckpt_dir is not None:
@@ -348,7 +391,7 @@ def train_lm(
             params, opt_state, start, losses = restored
             for _ in range(start):  # replay the data stream to where the run stopped
                 next(data)
-            log.info("pretrain: resumed at step %d from %s", start, ckpt_dir)
+            log.info("%s: resumed at step %d from %s", name, start, ckpt_dir)
     t0 = time.time()
     for i in range(start, steps):
         ids, w = next(data)
@@ -356,7 +399,12 @@ def train_lm(
         if i % log_every == 0 or i == steps - 1:
             losses_val = float(loss)
             log.info(
-                "pretrain step %d/%d loss %.4f (%.1fs)", i + 1, steps, losses_val, time.time() - t0
+                "%s step %d/%d loss %.4f (%.1fs)",
+                name,
+                i + 1,
+                steps,
+                losses_val,
+                time.time() - t0,
             )
         losses.append(loss)
         if ckpt_dir is not None and ((i + 1) % save_every == 0 or i + 1 == steps):
@@ -429,6 +477,7 @@ def pretrain_tiny(
     lr: float = 3e-3,
     obs_weight: float = 1.0,
     init_from: str | None = None,
+    copy_warmup_steps: int = 0,
     save_every: int = 50,
     baseline_horizon: int = 8,
     baseline_repeats: int = 5,
@@ -438,7 +487,11 @@ def pretrain_tiny(
     Returns ``out_dir``: an HF directory (config.json, model.safetensors, tokenizer files) plus
     ``pretrain_info.json`` with the settings, losses and the random-policy baseline.
     ``init_from``: continue training that model (and keep its tokenizer; the architecture
-    arguments are then ignored). Training state is saved in ``out_dir/checkpoint`` every
+    arguments are then ignored). ``copy_warmup_steps``: first train that many steps on
+    ``_copy_batches`` (random segments repeated: an induction warm-up), so the model can copy a
+    word from its context by position before it sees a transcript. Without it, the tiny models
+    guess the colours they should copy from the observation (see README, "Horizon study").
+    Training state is saved in ``out_dir/checkpoint`` (and ``checkpoint_copy``) every
     ``save_every`` steps: the same call after an interruption resumes, and a finished run
     removes it.
     """
@@ -451,8 +504,11 @@ def pretrain_tiny(
     import envs
     from agentgym_jax.models import Transformer, save_pretrained
 
-    if episodes < 1 or steps < 1:
-        raise ValueError(f"episodes and steps must be >= 1, got episodes={episodes}, steps={steps}")
+    if episodes < 1 or steps < 1 or copy_warmup_steps < 0:
+        raise ValueError(
+            f"episodes and steps must be >= 1 and copy_warmup_steps >= 0, got "
+            f"episodes={episodes}, steps={steps}, copy_warmup_steps={copy_warmup_steps}"
+        )
     levels = tuple(levels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -475,7 +531,9 @@ def pretrain_tiny(
     if init_from is not None:
         tok = load_tokenizer(init_from)
         tok.save_pretrained(os.fspath(out))
-    elif (ckpt_dir / _CKPT).exists() and (out / "tokenizer.json").exists():
+    elif (out / "tokenizer.json").exists() and any(
+        (out / d / _CKPT).exists() for d in ("checkpoint", "checkpoint_copy")
+    ):
         tok = load_tokenizer(out)  # resuming: the ids the saved state was trained on
     else:
         tok = train_tokenizer(chats, vocab_size, out)
@@ -504,6 +562,35 @@ def pretrain_tiny(
         )
         model = Transformer(cfg, rngs=nnx.Rngs(seed))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    warmup_info = None
+    if copy_warmup_steps:
+        t1 = time.time()
+        wl = train_lm(
+            model,
+            None,
+            steps=copy_warmup_steps,
+            batch=COPY_WARMUP["batch"],
+            seq_len=COPY_WARMUP["seq_len"],
+            lr=COPY_WARMUP["lr"],
+            seed=seed,
+            pad_id=tok.pad_token_id,
+            ckpt_dir=out / "checkpoint_copy",
+            save_every=save_every,
+            data=_copy_batches(
+                COPY_WARMUP["batch"], COPY_WARMUP["seq_len"], len(tok), np.random.default_rng(seed)
+            ),
+            name="copy warm-up",
+        )
+        warmup_info = {
+            **COPY_WARMUP,
+            "steps": copy_warmup_steps,
+            # The loss on repeats stays near log(vocab) until the induction heads form, then drops.
+            "loss_per_50_steps": [
+                round(float(np.mean(wl[i : i + 50])), 4) for i in range(0, len(wl), 50)
+            ],
+            "loss_last10": float(np.mean(wl[-10:])),
+            "seconds": round(time.time() - t1, 1),
+        }
     t1 = time.time()
     losses = train_lm(
         model,
@@ -543,6 +630,7 @@ def pretrain_tiny(
         "loss_first": losses[0],
         "loss_last10": float(np.mean(losses[-10:])),
         "random_baseline_test": baseline,
+        **({"copy_warmup": warmup_info} if warmup_info else {}),
         "stop_token_id": tok.convert_tokens_to_ids(IM_END),
         "seconds": {
             "collect": round(t_collect, 1),
@@ -553,7 +641,9 @@ def pretrain_tiny(
     }
     with open(out / "pretrain_info.json", "w") as f:
         json.dump(info, f, indent=2)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the HF files are the result
+    # Finished: the HF files are the result.
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(out / "checkpoint_copy", ignore_errors=True)
     log.info(
         "saved tiny model to %s (loss %.3f -> %.3f, %d params)",
         out,
@@ -764,6 +854,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--init-from", default=None, help="continue training this model (keeps its tokenizer)"
     )
     p.add_argument(
+        "--copy-warmup-steps",
+        type=int,
+        default=0,
+        help="first train this many steps on repeated random segments (teaches copying)",
+    )
+    p.add_argument(
         "--save-every",
         type=int,
         default=50,
@@ -789,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=a.lr,
         obs_weight=a.obs_weight,
         init_from=a.init_from,
+        copy_warmup_steps=a.copy_warmup_steps,
         save_every=a.save_every,
     )
     if a.eval:

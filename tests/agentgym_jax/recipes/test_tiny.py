@@ -270,9 +270,65 @@ def test_pretraining_resumes_where_it_was_interrupted(miniature, tmp_path, monke
         assert info["loss_first"] < json.load(f)["loss_first"] - 0.5
 
 
+def test_copy_batches_weight_exactly_the_copied_tokens():
+    """Every weighted target repeats an earlier bigram's second token (an induction head can
+    predict it), and the first token of each repeat, which follows filler, is not weighted."""
+    vocab, seq = 591, 256
+    ids, w = next(tiny._copy_batches(8, seq, vocab, np.random.default_rng(0)))
+    assert ids.shape == (8, seq + 1) and w.shape == (8, seq)
+    assert ids.min() >= tiny.COPY_FIRST_ID and ids.max() < vocab
+    for row, wt in zip(ids, w):
+        for t in np.flatnonzero(wt):  # w[t] weights predicting row[t + 1] from row[: t + 1]
+            earlier = set(zip(row[: t - 1].tolist(), row[1:t].tolist()))
+            assert (int(row[t]), int(row[t + 1])) in earlier, t
+        assert wt[:7].sum() == 0  # the first occurrence (>= 8 ids) is not a copy
+    assert 0.3 < w.mean() < 0.95, w.mean()  # mostly repeats, some filler
+    # Another generator seed gives other rows; the same seed the same rows (resume replays it).
+    again, _ = next(tiny._copy_batches(8, seq, vocab, np.random.default_rng(0)))
+    other, _ = next(tiny._copy_batches(8, seq, vocab, np.random.default_rng(1)))
+    assert np.array_equal(again, ids) and not np.array_equal(other, ids)
+
+
+def test_copy_warmup_runs_first_and_resumes(miniature, tmp_path, monkeypatch):
+    """With copy_warmup_steps, pretraining first trains on copy batches; a run killed inside the
+    warm-up resumes to the params of an unbroken run, and the info records the warm-up."""
+    from agentgym_jax.models import from_pretrained
+
+    def params(path):
+        return jax.tree.map(np.asarray, nnx.state(from_pretrained(path), nnx.Param))
+
+    kw = dict(MINI, steps=2, save_every=2, copy_warmup_steps=4)
+    whole = tiny.pretrain_tiny(tmp_path / "whole", **kw)
+    real = tiny._save_pretrain_ckpt
+
+    def save_then_die(ckpt_dir, params, opt_state, step, losses, steps):
+        real(ckpt_dir, params, opt_state, step, losses, steps)
+        if str(ckpt_dir).endswith("checkpoint_copy") and step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "_save_pretrain_ckpt", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.pretrain_tiny(tmp_path / "broken", **kw)
+    assert not os.path.exists(tmp_path / "broken" / "checkpoint")
+    monkeypatch.setattr(tiny, "_save_pretrain_ckpt", real)
+    resumed = tiny.pretrain_tiny(tmp_path / "broken", **kw)
+    jax.tree.map(np.testing.assert_array_equal, params(resumed), params(whole))
+    assert not os.path.exists(tmp_path / "broken" / "checkpoint_copy")  # removed once finished
+    with open(os.path.join(resumed, "pretrain_info.json")) as f:
+        info = json.load(f)
+    assert info["copy_warmup"]["steps"] == 4 and len(info["copy_warmup"]["loss_per_50_steps"]) == 1
+    assert info["settings"]["copy_warmup_steps"] == 4
+    # The warm-up changed the weights the transcript phase started from.
+    plain = tiny.pretrain_tiny(tmp_path / "plain", **dict(kw, copy_warmup_steps=0))
+    with open(os.path.join(plain, "pretrain_info.json")) as f:
+        assert json.load(f)["loss_first"] != info["loss_first"]
+
+
 def test_pretrain_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="episodes"):
         tiny.pretrain_tiny(tmp_path, episodes=0, steps=1)
+    with pytest.raises(ValueError, match="copy_warmup_steps"):
+        tiny.pretrain_tiny(tmp_path, steps=1, copy_warmup_steps=-1)
     with pytest.raises(ValueError, match="preamble"):
         tiny.pretrain_tiny(tmp_path, levels=["GoToRedBallNoDists"], episodes=2, steps=1, seq_len=64)
 
