@@ -146,8 +146,15 @@ def plot(results: dict, out_png: str) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    ev = results.get("eval", {})
+    how = "greedy" if not ev.get("temperature") else f"temperature {ev['temperature']:g}"
     panels = [
-        ("eval_step", "eval_success", "step", "held-out success (15-turn limit, greedy)"),
+        (
+            "eval_step",
+            "eval_success",
+            "step",
+            f"held-out success ({ev.get('max_turns')} turns, {how})",
+        ),
         ("eval_env_steps", "eval_success", "environment steps", "held-out success"),
         ("eval_step", "eval_turns", "step", "held-out turns used"),
         ("train_step", "train_success", "step", "training success (own limit, sampled)"),

@@ -489,8 +489,10 @@ def pretrain_tiny(
     ``init_from``: continue training that model (and keep its tokenizer; the architecture
     arguments are then ignored). ``copy_warmup_steps``: first train that many steps on
     ``_copy_batches`` (random segments repeated: an induction warm-up), so the model can copy a
-    word from its context by position before it sees a transcript. Without it, the tiny models
-    guess the colours they should copy from the observation (see README, "Horizon study").
+    word from its context by position before it sees a transcript. The tiny models otherwise
+    guess the colours they should copy from the observation. Measured on the long levels (README,
+    "Horizon study"): 1,500 warm-up steps learn copying, but the transcript steps after them
+    lose it again at this size (the copy check ends where it does without the warm-up).
     Training state is saved in ``out_dir/checkpoint`` (and ``checkpoint_copy``) every
     ``save_every`` steps: the same call after an interruption resumes, and a finished run
     removes it.
