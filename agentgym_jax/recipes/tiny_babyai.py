@@ -302,7 +302,7 @@ COPY_FIRST_ID = 10  # sampled ids start above the special tokens (0-2 here), wit
 def _copy_batches(batch: int, seq_len: int, vocab: int, rng: np.random.Generator):
     """Endless batches in ``_batches``' layout, where every target is a copy of the context.
 
-    Each row is one random segment (8-64 ids) repeated to the end of the row, the repeats
+    Each row is one random segment (8-63 ids) repeated to the end of the row, the repeats
     separated by random-length prefixes of one random filler. Only the repeats' tokens after
     their first are weighted: each follows a token whose earlier occurrence says what comes
     next, which is what an induction head learns (a token read back by position, not meaning).
