@@ -295,7 +295,14 @@ def _batches(rows, batch: int, seq_len: int, pad_id: int, rng: np.random.Generat
 
 
 # The copy warm-up's batches: random token segments repeated between random filler.
-COPY_WARMUP = {"batch": 32, "seq_len": 256, "lr": 3e-3, "min_segment": 8, "max_segment": 64}
+COPY_WARMUP = {
+    "batch": 32,
+    "seq_len": 256,
+    "lr": 3e-3,
+    "min_segment": 8,
+    "max_segment": 64,
+    "max_gap": 64,  # filler between repeats: 0 .. max_gap - 1 ids
+}
 COPY_FIRST_ID = 10  # sampled ids start above the special tokens (0-2 here), with a margin
 
 
@@ -323,7 +330,7 @@ def _copy_batches(batch: int, seq_len: int, vocab: int, rng: np.random.Generator
             while len(row) < seq_len + 1:
                 row += list(seg)
                 wt += [0.0] * len(seg) if not wt else [0.0] + [1.0] * (len(seg) - 1)
-                k = rng.integers(0, 64)
+                k = rng.integers(0, COPY_WARMUP["max_gap"])
                 row += list(filler[:k])
                 wt += [0.0] * k
             ids[b] = row[: seq_len + 1]
@@ -529,12 +536,12 @@ def pretrain_tiny(
         + "".join(render_message(m["role"], m["content"]) for m in ep["messages"])
         for ep in eps
     ]
-    ckpt_dir = out / "checkpoint"
+    ckpt_dir, copy_ckpt_dir = out / "checkpoint", out / "checkpoint_copy"
     if init_from is not None:
         tok = load_tokenizer(init_from)
         tok.save_pretrained(os.fspath(out))
     elif (out / "tokenizer.json").exists() and any(
-        (out / d / _CKPT).exists() for d in ("checkpoint", "checkpoint_copy")
+        (d / _CKPT).exists() for d in (ckpt_dir, copy_ckpt_dir)
     ):
         tok = load_tokenizer(out)  # resuming: the ids the saved state was trained on
     else:
@@ -576,7 +583,7 @@ def pretrain_tiny(
             lr=COPY_WARMUP["lr"],
             seed=seed,
             pad_id=tok.pad_token_id,
-            ckpt_dir=out / "checkpoint_copy",
+            ckpt_dir=copy_ckpt_dir,
             save_every=save_every,
             data=_copy_batches(
                 COPY_WARMUP["batch"], COPY_WARMUP["seq_len"], len(tok), np.random.default_rng(seed)
@@ -644,8 +651,8 @@ def pretrain_tiny(
     with open(out / "pretrain_info.json", "w") as f:
         json.dump(info, f, indent=2)
     # Finished: the HF files are the result.
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    shutil.rmtree(out / "checkpoint_copy", ignore_errors=True)
+    for d in (ckpt_dir, copy_ckpt_dir):
+        shutil.rmtree(d, ignore_errors=True)
     log.info(
         "saved tiny model to %s (loss %.3f -> %.3f, %d params)",
         out,
